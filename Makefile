@@ -1,0 +1,23 @@
+# mm_megatron developer entry points. See README.md.
+#   make install   create .venv (Python >= 3.12) and install mm_megatron[dev]
+#   make test      lint + format check + the whole test suite (what .ci/run calls)
+#   make demo      the main job on the embedded default (tiny preset, synthetic data, CPU)
+PY := .venv/bin/python
+
+.PHONY: install test lint format demo
+install:
+	bash tools/setup_env.sh
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q tests
+
+demo:
+	$(PY) -m mm_megatron model summary --preset debug-tiny

@@ -1,0 +1,276 @@
+"""Model configuration: small dataclasses for the vision encoder, projector and language model.
+
+These describe *what* the model is (shapes, activations, norms); they know nothing about parallel
+layout. ``mm_megatron.model.transformer_configs`` turns them into megatron-core
+``TransformerConfig`` objects once a layout is chosen. Every field has a docstring line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SPECS = ("local", "te")
+
+
+@dataclass
+class VisionConfig:
+    """A ViT image encoder in the style of CLIP or SigLIP."""
+
+    style: str = "clip"
+    """``clip`` (class token, patch conv w/o bias, pre-LN, quick_gelu) or ``siglip``
+    (no class token, conv bias, gelu-tanh, post-LN)."""
+    image_size: int = 336
+    """Square input resolution in pixels."""
+    patch_size: int = 14
+    """Patch (conv kernel and stride) size."""
+    num_channels: int = 3
+    """Input channels."""
+    num_layers: int = 24
+    """Layers of the full encoder as published (e.g. 24 for CLIP-L); see ``feature_layer``."""
+    feature_layer: int = -2
+    """HF ``vision_feature_layer``: -1 uses the last layer's output; -2 the one before, so the
+    last layer is never built (LLaVA-1.5). Positive values count from the embeddings (0)."""
+    hidden_size: int = 1024
+    """Transformer width."""
+    ffn_hidden_size: int = 4096
+    """MLP inner width."""
+    num_attention_heads: int = 16
+    """Attention heads (must divide by TP)."""
+    layernorm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    drop_class_token: bool = True
+    """Drop the class token from the features (HF ``vision_feature_select_strategy="default"``)."""
+    post_layernorm: bool | None = None
+    """Apply the final LayerNorm to the features; None means the style default (SigLIP: yes,
+    CLIP: no). HF LLaVA reads hidden states before it, so converters set False."""
+    spec: str = "local"
+    """``local`` (PyTorch + our SDPA attention) or ``te`` (Transformer Engine)."""
+
+    @property
+    def has_class_token(self) -> bool:
+        """CLIP prepends a learned class token; SigLIP does not."""
+        return self.style == "clip"
+
+    @property
+    def num_layers_built(self) -> int:
+        """Layers actually built: the ones ``feature_layer`` reads from."""
+        if self.feature_layer < 0:
+            return self.num_layers + 1 + self.feature_layer
+        return self.feature_layer
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Learned position embeddings (patches plus the class token, if any)."""
+        return self.num_patches + (1 if self.has_class_token else 0)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens per image the encoder hands to the projector."""
+        keep_cls = self.has_class_token and not self.drop_class_token
+        return self.num_patches + (1 if keep_cls else 0)
+
+    @property
+    def apply_post_layernorm(self) -> bool:
+        """Whether the final LayerNorm runs."""
+        if self.post_layernorm is None:
+            return self.style == "siglip"
+        return self.post_layernorm
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+        if self.style not in ("clip", "siglip"):
+            raise ValueError(f"vision.style must be 'clip' or 'siglip', got {self.style!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size={self.image_size} is not a multiple of "
+                f"vision.patch_size={self.patch_size}"
+            )
+        if not 1 <= self.num_layers_built <= self.num_layers:
+            raise ValueError(
+                f"vision.feature_layer={self.feature_layer} selects no valid layer of "
+                f"{self.num_layers}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"vision.hidden_size={self.hidden_size} not divisible by "
+                f"vision.num_attention_heads={self.num_attention_heads}"
+            )
+        _check_spec("vision.spec", self.spec)
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps vision features into the language model's embedding space."""
+
+    type: str = "mlp2x_gelu"
+    """A name in ``mm_megatron.model.projector.PROJECTORS`` (``mlp2x_gelu``, ``linear``, ...)."""
+    hidden_size: int | None = None
+    """Inner width of MLP projectors; None means the language model's hidden size."""
+    bias: bool = True
+    """Linear layers carry a bias."""
+    spec: str = "local"
+    """``local`` or ``te`` linear layers."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Options for projector types added later (e.g. resampler queries)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+        _check_spec("projector.spec", self.spec)
+
+
+@dataclass
+class LanguageConfig:
+    """A decoder-only LM in the Llama family (Llama, Vicuna, Mistral, Qwen2)."""
+
+    flavor: str = "llama"
+    """Informational family name: llama, vicuna, mistral or qwen2."""
+    num_layers: int = 32
+    """Decoder layers."""
+    hidden_size: int = 4096
+    """Model width."""
+    ffn_hidden_size: int = 11008
+    """SwiGLU inner width."""
+    num_attention_heads: int = 32
+    """Query heads."""
+    num_query_groups: int | None = None
+    """KV heads for GQA; None means MHA (= num_attention_heads)."""
+    vocab_size: int = 32064
+    """Real vocabulary size (HF ``vocab_size``); megatron pads it, see below."""
+    make_vocab_size_divisible_by: int = 64
+    """Megatron pads the vocab to a multiple of this x TP."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is configured for."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: dict[str, Any] | None = None
+    """HF-style rope scaling: ``{"rope_type": "linear", "factor": f}`` or
+    ``{"rope_type": "llama3", "factor": f, ...}``; None for plain RoPE."""
+    qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2)."""
+    tie_embeddings: bool = False
+    """Share input embedding and output layer weights."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    spec: str = "local"
+    """``local`` or ``te``."""
+
+    @property
+    def kv_groups(self) -> int:
+        """Number of KV heads."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width."""
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Vocab size after megatron's padding to ``make_vocab_size_divisible_by * tp``."""
+        m = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // m) * m
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"lm.hidden_size={self.hidden_size} not divisible by "
+                f"lm.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.kv_groups:
+            raise ValueError(
+                f"lm.num_attention_heads={self.num_attention_heads} not divisible by "
+                f"lm.num_query_groups={self.kv_groups}"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("linear", "llama3"):
+                raise ValueError(
+                    f"lm.rope_scaling type {kind!r} is not supported (use 'linear' or 'llama3')"
+                )
+        _check_spec("lm.spec", self.spec)
+
+
+@dataclass
+class LlavaConfig:
+    """The whole model: vision encoder -> projector -> language model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """The image encoder."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """The vision -> LM projector."""
+    lm: LanguageConfig = field(default_factory=LanguageConfig)
+    """The language model."""
+    image_token_id: int = 32000
+    """Placeholder token id that marks one image in ``input_ids`` (llava-hf: 32000)."""
+    freeze_vision: bool = True
+    """Keep the vision encoder's weights fixed."""
+    freeze_projector: bool = False
+    """Keep the projector's weights fixed."""
+    freeze_lm: bool = False
+    """Keep the language model's weights fixed."""
+    init_method_std: float = 0.02
+    """Std of the normal init for fresh weights."""
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Embeddings each ``<image>`` placeholder expands into."""
+        return self.vision.num_output_tokens
+
+    def set_spec(self, spec: str) -> None:
+        """Use ``spec`` (local or te) for every component."""
+        _check_spec("spec", spec)
+        self.vision.spec = self.projector.spec = self.lm.spec = spec
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+        self.vision.validate()
+        self.projector.validate()
+        self.lm.validate()
+        if not 0 <= self.image_token_id < self.lm.vocab_size:
+            raise ValueError(
+                f"image_token_id={self.image_token_id} outside vocab of {self.lm.vocab_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlavaConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise a ValueError naming them."""
+        d = dict(d)
+        subs = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LanguageConfig}
+        kwargs: dict[str, Any] = {}
+        for key, sub_cls in subs.items():
+            if key in d:
+                kwargs[key] = _build(sub_cls, d.pop(key), key)
+        kwargs.update(_check_keys(cls, d, "model"))
+        return cls(**kwargs)
+
+
+def _check_spec(name: str, value: str) -> None:
+    if value not in SPECS:
+        raise ValueError(f"{name} must be one of {SPECS}, got {value!r}")
+
+
+def _check_keys(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} keys {unknown}; valid: {sorted(names)}")
+    return d
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
+    return cls(**_check_keys(cls, dict(d), where))

@@ -1,0 +1,1 @@
+"""The LLaVA model: vision encoder -> projector -> language model, from megatron-core specs."""

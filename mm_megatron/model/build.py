@@ -1,0 +1,84 @@
+"""The one build function: decides the layout of a LLaVA model on this rank.
+
+Everything layout-dependent lives here: which pipeline stage(s) this rank runs (pre/post process,
+virtual stages), which stage holds the vision encoder and projector (the first), freezing, and
+the megatron TransformerConfigs for each stack. Model code receives the answers.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.config.parallel_config import ParallelConfig
+from mm_megatron.model.llava import LlavaModel
+from mm_megatron.model.transformer_configs import (
+    lm_transformer_config,
+    projector_transformer_config,
+    vision_transformer_config,
+)
+
+
+def freeze(model: LlavaModel, *, vision: bool, projector: bool, lm: bool) -> None:
+    """Set ``requires_grad`` per component (frozen parts get no grads nor optimizer state)."""
+    parts = [
+        (model.vision_model, vision),
+        (model.vision_projection, projector),
+        (model.language_model, lm),
+    ]
+    for module, frozen in parts:
+        if module is None:
+            continue
+        for p in module.parameters():
+            p.requires_grad_(not frozen)
+
+
+def build_llava_model(
+    cfg: LlavaConfig,
+    par: ParallelConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    pg_collection: ProcessGroupCollection | None = None,
+    pp_rank: int | None = None,
+    vp_stage: int | None = None,
+) -> LlavaModel:
+    """Build this rank's part of the model. Requires megatron's parallel state.
+
+    Args:
+        cfg: model config (validated here).
+        par: parallel layout; defaults to all-ones.
+        dtype: parameter dtype (fp32 or bf16).
+        pg_collection: process groups; default megatron's global ones.
+        pp_rank: pipeline rank; default from the pp group.
+        vp_stage: virtual stage index for interleaved schedules.
+    """
+    cfg.validate()
+    par = par or ParallelConfig()
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if pp_rank is None:
+        pp_rank = torch.distributed.get_rank(pg_collection.pp) if par.pp > 1 else 0
+    vp = par.virtual_pp or 1
+    vstage = vp_stage or 0
+    first = pp_rank == 0 and vstage == 0
+    last = pp_rank == par.pp - 1 and vstage == vp - 1
+    model = LlavaModel(
+        cfg,
+        lm_transformer_config(cfg, par, dtype),
+        vision_transformer_config(cfg, par, dtype),
+        projector_transformer_config(cfg, par, dtype),
+        pg_collection,
+        pre_process=first,
+        post_process=last,
+        add_encoder=first,
+        vp_stage=vp_stage,
+    )
+    freeze(model, vision=cfg.freeze_vision, projector=cfg.freeze_projector, lm=cfg.freeze_lm)
+    return model
+
+
+def current_pp_rank() -> int:
+    """This rank's pipeline stage (0 without pipeline parallelism)."""
+    return parallel_state.get_pipeline_model_parallel_rank()

@@ -1,0 +1,152 @@
+"""ModuleSpecs for the transformer stacks: ``local`` (PyTorch + our SDPA) and ``te``.
+
+TE vs local is only a spec choice: the same model classes take either. The local spec uses
+:class:`~mm_megatron.model.norm.LocalNorm` (sequence-parallel capable) and
+:class:`~mm_megatron.model.attention.SDPAttention` (packed + context parallel capable) with
+megatron's own Column/RowParallelLinear; it needs neither TE nor apex. The TE spec is megatron's
+(fused LayerNorm+linear, ``TEDotProductAttention``) and is imported lazily, so importing this module
+never requires Transformer Engine.
+
+Parameter names: TE fuses the pre-attention / pre-MLP norms into ``linear_qkv.layer_norm_weight`` /
+``linear_fc1.layer_norm_weight``; the local spec keeps ``input_layernorm.weight`` /
+``pre_mlp_layernorm.weight`` and maps them to the TE names in ``sharded_state_dict`` (as megatron's
+own local spec does), so distributed checkpoints load across specs.
+"""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from mm_megatron.model.attention import SDPAttention
+from mm_megatron.model.norm import LocalNorm
+
+_TE_NORM_NAMES = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def have_te() -> bool:
+    """Whether Transformer Engine's PyTorch extension imports."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _require_te(what: str) -> None:
+    if not have_te():
+        raise RuntimeError(
+            f"{what}: spec 'te' needs Transformer Engine (pip install 'mm_megatron[te]', GPU "
+            "only); use spec 'local' on CPU"
+        )
+
+
+def _local_layer(mask: AttnMaskType) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LocalNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=LocalNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(_TE_NORM_NAMES),
+        ),
+    )
+
+
+def _te_layer(mask: AttnMaskType) -> ModuleSpec:
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=TEDotProductAttention,
+                    linear_proj=TERowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def lm_layer_spec(spec: str) -> ModuleSpec:
+    """Decoder layer of the language model (causal attention)."""
+    if spec == "te":
+        _require_te("lm")
+        return _te_layer(AttnMaskType.causal)
+    if spec == "local":
+        return _local_layer(AttnMaskType.causal)
+    raise ValueError(f"unknown lm spec {spec!r} (local|te)")
+
+
+def vit_layer_spec(spec: str) -> ModuleSpec:
+    """Encoder layer of the vision transformer (bidirectional attention)."""
+    if spec == "te":
+        _require_te("vision")
+        return _te_layer(AttnMaskType.no_mask)
+    if spec == "local":
+        return _local_layer(AttnMaskType.no_mask)
+    raise ValueError(f"unknown vision spec {spec!r} (local|te)")
+
+
+def projector_linears(spec: str) -> tuple[type, type]:
+    """(column-parallel, row-parallel) linear classes for the projector."""
+    if spec == "te":
+        _require_te("projector")
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return TEColumnParallelLinear, TERowParallelLinear
+    if spec == "local":
+        return ColumnParallelLinear, RowParallelLinear
+    raise ValueError(f"unknown projector spec {spec!r} (local|te)")

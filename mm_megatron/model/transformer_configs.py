@@ -1,0 +1,146 @@
+"""Turn mm_megatron model configs + a parallel layout into megatron-core ``TransformerConfig``s.
+
+One function per stack. This is the only place where our dataclasses meet megatron's config, so
+the mapping (activations, norms, biases, RoPE, GQA, fusions off on CPU) is reviewable in one screen.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mm_megatron.config.model_config import LanguageConfig, LlavaConfig, VisionConfig
+from mm_megatron.config.parallel_config import ParallelConfig
+
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+
+
+def _common(par: ParallelConfig, dtype: torch.dtype, init_std: float) -> dict[str, Any]:
+    on_cpu = not torch.cuda.is_available()
+    return dict(
+        tensor_model_parallel_size=par.tp,
+        context_parallel_size=par.cp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=on_cpu,
+        init_method_std=init_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Fusions need CUDA kernels (apex/TE); the unfused paths are exact and run everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def lm_transformer_config(
+    cfg: LlavaConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """Config of the language decoder (pipelined over ``par.pp`` stages)."""
+    lm: LanguageConfig = cfg.lm
+    return TransformerConfig(
+        **_common(par, dtype, cfg.init_method_std),
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.virtual_pp,
+        num_layers_in_first_pipeline_stage=par.first_stage_lm_layers,
+        num_layers_in_last_pipeline_stage=par.last_stage_lm_layers,
+        sequence_parallel=par.sequence_parallel,
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.kv_groups,
+        kv_channels=lm.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=lm.qkv_bias,
+        # Every micro-batch may have its own length (image expansion, packing).
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # no MoE; megatron rejects the default with the above
+    )
+
+
+def vision_transformer_config(
+    cfg: LlavaConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """Config of the ViT. It is never pipelined (it lives on the first stage) and never CP-split."""
+    v: VisionConfig = cfg.vision
+    vpar = ParallelConfig(tp=par.tp, pp=1, cp=1, sequence_parallel=False)
+    common = _common(vpar, dtype, cfg.init_method_std)
+    return TransformerConfig(
+        **common,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        num_layers=v.num_layers_built,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        kv_channels=v.hidden_size // v.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layernorm_eps,
+        gated_linear_unit=False,
+        activation_func=quick_gelu if v.style == "clip" else gelu_tanh,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+    )
+
+
+def projector_transformer_config(
+    cfg: LlavaConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """Config of the projector MLP: hidden = LM width, ffn = projector inner width."""
+    vpar = ParallelConfig(tp=par.tp, pp=1, cp=1, sequence_parallel=False)
+    return TransformerConfig(
+        **_common(vpar, dtype, cfg.init_method_std),
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        num_layers=1,
+        hidden_size=cfg.lm.hidden_size,
+        ffn_hidden_size=cfg.projector.hidden_size or cfg.lm.hidden_size,
+        num_attention_heads=1,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=cfg.projector.bias,
+    )
+
+
+def rope_kwargs(lm: LanguageConfig) -> dict[str, Any]:
+    """GPTModel RoPE arguments for ``lm.rope_theta`` / ``lm.rope_scaling``."""
+    kw: dict[str, Any] = dict(position_embedding_type="rope", rotary_base=int(lm.rope_theta))
+    rs = lm.rope_scaling
+    if rs is None:
+        return kw
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        kw["seq_len_interpolation_factor"] = float(rs["factor"])
+    elif kind == "llama3":
+        fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        for k, want in fixed.items():
+            if float(rs.get(k, want)) != want:
+                raise ValueError(
+                    f"lm.rope_scaling.{k}={rs[k]} unsupported: megatron-core's llama3 scaling "
+                    f"fixes {k}={want}"
+                )
+        if int(rs.get("original_max_position_embeddings", 8192)) != 8192:
+            raise ValueError(
+                "lm.rope_scaling.original_max_position_embeddings must be 8192 for megatron-core"
+            )
+        kw["rope_scaling"] = True
+        kw["rope_scaling_factor"] = float(rs["factor"])
+    else:
+        raise ValueError(f"lm.rope_scaling type {kind!r} unsupported")
+    return kw

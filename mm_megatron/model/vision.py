@@ -1,0 +1,105 @@
+"""Vision encoder: patch embedding + a megatron-core ``TransformerBlock`` built from a ViT spec.
+
+Two styles (``VisionConfig.style``):
+
+* ``clip``: class token, patch conv without bias, learned positions, pre-LayerNorm
+  (HF ``pre_layrnorm``), quick_gelu MLPs; no post-LayerNorm by default.
+* ``siglip``: no class token, patch conv with bias, learned positions, gelu-tanh, post-LayerNorm.
+
+Only ``VisionConfig.num_layers_built`` layers are built: LLaVA's ``vision_feature_layer=-2``
+reads the penultimate layer's output, so the last layer would be dead weight.
+
+This module computes; it never looks up process groups itself (they arrive in ``pg_collection``).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mm_megatron.config.model_config import VisionConfig
+from mm_megatron.model.norm import LocalNorm
+
+
+class VisionEncoder(MegatronModule):
+    """images [N, C, H, W] -> features [N, T, h] (T = ``vcfg.num_output_tokens``).
+
+    Args:
+        config: the ViT's TransformerConfig.
+        vcfg: the VisionConfig (style, sizes, feature selection).
+        layer_spec: ModuleSpec of one encoder layer (local or TE).
+        pg_collection: process groups (TP is used by the transformer layers).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vcfg: VisionConfig,
+        layer_spec: ModuleSpec,
+        pg_collection: ProcessGroupCollection,
+    ):
+        super().__init__(config=config)
+        self.vcfg = vcfg
+        h = vcfg.hidden_size
+        self.conv1 = torch.nn.Conv2d(
+            vcfg.num_channels,
+            h,
+            kernel_size=vcfg.patch_size,
+            stride=vcfg.patch_size,
+            bias=vcfg.style == "siglip",
+            dtype=config.params_dtype,
+        )
+        if vcfg.has_class_token:
+            self.class_token = torch.nn.Parameter(torch.zeros(1, 1, h, dtype=config.params_dtype))
+        self.position_embeddings = torch.nn.Embedding(
+            vcfg.num_positions, h, dtype=config.params_dtype
+        )
+        self.pre_layernorm = (
+            LocalNorm(config, h, eps=vcfg.layernorm_eps) if vcfg.style == "clip" else None
+        )
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=layer_spec,
+            pre_process=True,
+            post_process=False,
+            pg_collection=pg_collection,
+        )
+        self.post_layernorm = (
+            LocalNorm(config, h, eps=vcfg.layernorm_eps) if vcfg.apply_post_layernorm else None
+        )
+        self._init_embeddings(config.init_method_std)
+
+    def _init_embeddings(self, std: float) -> None:
+        with torch.no_grad():
+            torch.nn.init.normal_(self.position_embeddings.weight, std=std)
+            torch.nn.init.normal_(self.conv1.weight, std=std)
+            if self.conv1.bias is not None:
+                self.conv1.bias.zero_()
+            if self.vcfg.has_class_token:
+                torch.nn.init.normal_(self.class_token, std=std)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """The ViT is never pipelined; megatron's schedules may still call this."""
+        return None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # [N, h, g, g]
+        x = x.flatten(2).transpose(1, 2)  # [N, P, h]
+        if self.vcfg.has_class_token:
+            x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)  # [N, 1+P, h]
+        x = x + self.position_embeddings.weight.unsqueeze(0)  # [N, s, h]
+        if self.pre_layernorm is not None:
+            x = self.pre_layernorm(x)
+        x = x.transpose(0, 1).contiguous()  # [s, N, h]
+        x = self.decoder(hidden_states=x, attention_mask=None)  # [s, N, h]
+        if self.post_layernorm is not None:
+            x = self.post_layernorm(x)
+        x = x.transpose(0, 1)  # [N, s, h]
+        if self.vcfg.has_class_token and self.vcfg.drop_class_token:
+            x = x[:, 1:]  # [N, P, h]
+        return x.contiguous()

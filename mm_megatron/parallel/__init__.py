@@ -1,0 +1,1 @@
+"""Parallelism helpers (context/sequence-parallel data layout) for mm_megatron."""

@@ -1,0 +1,1 @@
+"""Runtime: process groups and parallel layout, plus the CPU runtime for megatron-core on gloo."""

@@ -1,0 +1,88 @@
+"""Process-group set-up and tear-down for one job (torchrun, SLURM or a single process).
+
+``initialize(par)`` starts torch.distributed (NCCL on GPU, gloo on CPU; env:// under torchrun,
+a private file store for a plain single process), activates the CPU runtime when no CUDA device
+is in use, validates the layout against the world size, creates megatron's TP/PP/CP/DP groups and
+seeds megatron's RNG tracker. ``destroy()`` undoes it (tests call it between layouts).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from mm_megatron.config.parallel_config import ParallelConfig
+from mm_megatron.runtime import cpu_runtime
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message is one line, naming the culprit."""
+
+
+def check_world_size(par: ParallelConfig, world_size: int) -> int:
+    """DP size for ``world_size``; LayoutError if TP*PP*CP does not divide it."""
+    for name in ("tp", "pp", "cp"):
+        if getattr(par, name) < 1:
+            raise LayoutError(f"{name}={getattr(par, name)} must be >= 1")
+    mp = par.model_parallel_size
+    if world_size % mp:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by TP*PP*CP = {par.tp}*{par.pp}*{par.cp} "
+            f"= {mp}"
+        )
+    if par.sequence_parallel and par.tp == 1:
+        raise LayoutError("--sequence-parallel needs TP > 1")
+    return world_size // mp
+
+
+def _init_process_group(backend: str | None) -> None:
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+        return
+    fd, store = tempfile.mkstemp(prefix="mm_megatron_pg_")
+    os.close(fd)
+    os.unlink(store)  # the file store creates it; a stale one would hold old rendezvous data
+    dist.init_process_group(backend=backend, init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def initialize(
+    par: ParallelConfig, *, seed: int = 1234, backend: str | None = None
+) -> ProcessGroupCollection:
+    """Set up torch.distributed + megatron parallel state for layout ``par``.
+
+    Returns:
+        The ProcessGroupCollection model code receives.
+    """
+    cpu_runtime.activate()
+    _init_process_group(backend)
+    check_world_size(par, dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.virtual_pp,
+        context_parallel_size=par.cp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,39 @@
+"""Shared pytest set-up: the CPU runtime, a single-rank megatron fixture, and suite options."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+logging.getLogger("megatron").setLevel(logging.ERROR)
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full-matrix", action="store_true", help="run the full layout parity matrix")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_full = config.getoption("--full-matrix") or "full_matrix" in (config.option.markexpr or "")
+    skip_full = pytest.mark.skip(reason="full parity matrix: pass --full-matrix")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "full_matrix" in item.keywords and not run_full:
+            item.add_marker(skip_full)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def single_rank():
+    """megatron parallel state at world size 1 (TP=PP=CP=1), torn down afterwards."""
+    from mm_megatron.config import ParallelConfig
+    from mm_megatron.runtime import distributed
+
+    pg = distributed.initialize(ParallelConfig(), seed=1234)
+    yield pg
+    distributed.destroy()

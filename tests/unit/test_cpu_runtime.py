@@ -1,0 +1,117 @@
+"""Each accommodation of the CPU runtime (mm_megatron/runtime/cpu_runtime.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm_megatron.runtime import cpu_runtime
+
+
+@pytest.fixture(autouse=True)
+def runtime():
+    cpu_runtime.activate()
+    yield
+
+
+def test_device_redirect_factories_and_moves():
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.empty(2, device=torch.device("cuda", 0)).device.type == "cpu"
+    assert torch.ones(2, device=torch.cuda.current_device()).device.type == "cpu"
+    x = torch.arange(3.0)
+    assert x.cuda() is x
+    assert x.to("cuda").device.type == "cpu"
+    assert x.to(device="cuda:0", dtype=torch.float64).dtype == torch.float64
+    assert x.to(torch.float16).dtype == torch.float16  # non-device .to untouched
+
+
+def test_cuda_standins():
+    assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize()
+    torch.cuda.set_device(0)
+    torch.cuda.manual_seed(5)
+    a = torch.rand(3)
+    torch.cuda.manual_seed(5)
+    assert torch.equal(a, torch.rand(3))
+    state = torch.cuda.get_rng_state()
+    b = torch.rand(2)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(b, torch.rand(2))
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    ev1.record()
+    assert ev0.elapsed_time(ev1) >= 0
+
+
+def test_rng_tracker_fork_isolates_and_restores(single_rank):
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tracker.fork():
+        inside1 = torch.rand(4)
+    # default stream untouched by the fork
+    assert torch.equal(torch.get_rng_state(), before)
+    with tracker.fork():
+        inside2 = torch.rand(4)
+    assert not torch.equal(inside1, inside2)  # the forked stream advanced
+
+
+def test_causal_mask_and_memory_buffer():
+    from megatron.core.transformer.utils import get_default_causal_mask
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    m = get_default_causal_mask(3)
+    assert m.device.type == "cpu" and m.tolist()[0] == [False, True, True]
+    buf = GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")
+    assert buf.device.type == "cpu"
+
+
+def test_rotary_embedding_on_cpu():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0)
+    emb = rope(6)
+    assert emb.device.type == "cpu" and emb.shape == (6, 1, 1, 8)
+
+
+def test_broadcast_data(single_rank):
+    from megatron.core.tensor_parallel import broadcast_data
+
+    data = {"x": torch.arange(4)}
+    out = broadcast_data(["x"], data, torch.int64)
+    assert torch.equal(out["x"], data["x"])
+
+
+def test_version_check(monkeypatch):
+    from megatron.core import package_info
+
+    assert cpu_runtime.check_megatron_version() == cpu_runtime.PINNED_MEGATRON_CORE
+    monkeypatch.setattr(package_info, "__version__", "0.0.1")
+    with pytest.raises(cpu_runtime.MegatronVersionError, match="0.0.1 is installed"):
+        cpu_runtime.check_megatron_version()
+
+
+def test_not_activated_when_cuda_in_use(monkeypatch):
+    cpu_runtime.deactivate()
+    try:
+        assert not cpu_runtime.is_active()
+        orig = torch.cuda.current_device
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert cpu_runtime.activate() is False
+        assert not cpu_runtime.is_active()
+        assert torch.cuda.current_device is orig  # nothing patched
+    finally:
+        monkeypatch.undo()
+        cpu_runtime.activate()
+
+
+def test_deactivate_restores():
+    cpu_runtime.deactivate()
+    try:
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(1, device="cuda")
+    finally:
+        cpu_runtime.activate()
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
