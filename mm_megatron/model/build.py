@@ -82,3 +82,57 @@ def build_llava_model(
 def current_pp_rank() -> int:
     """This rank's pipeline stage (0 without pipeline parallelism)."""
     return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def build_model_chunks(
+    cfg: LlavaConfig,
+    par: ParallelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    ddp: bool = True,
+    overlap_grad_reduce: bool = False,
+    use_distributed_optimizer: bool = False,
+    pg_collection: ProcessGroupCollection | None = None,
+) -> list:
+    """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron DDP.
+
+    Also installs the hooks megatron's schedules read from the model config: ``no_sync_func``
+    (gradient accumulation across micro-batches), ``grad_sync_func`` (overlapped reduce) and
+    ``finalize_model_grads_func`` (DP/CP grad reduction, SP norm all-reduce, tied-embedding sync
+    between the first and last stage, division by the global token count).
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    vp = par.virtual_pp or 1
+    chunks = [
+        build_llava_model(
+            cfg, par, dtype=dtype, pg_collection=pg_collection, vp_stage=i if vp > 1 else None
+        )
+        for i in range(vp)
+    ]
+    config = chunks[0].config
+    if not ddp:
+        return chunks
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+        )
+        for i, c in enumerate(chunks)
+    ]
+    no_sync = [w.no_sync for w in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if overlap_grad_reduce:
+        sync = [w.start_grad_sync for w in wrapped]
+        config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped

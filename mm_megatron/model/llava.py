@@ -16,7 +16,7 @@ the hidden states for the next one.
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
@@ -25,9 +25,17 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.model.merge import MergePlan, merge_embeddings, plan_merge, shift_labels
 from mm_megatron.model.projector import build_projector
-from mm_megatron.model.specs import lm_layer_spec, vit_layer_spec
+from mm_megatron.model.specs import block_spec, lm_layer_spec, vit_layer_spec
 from mm_megatron.model.transformer_configs import rope_kwargs
 from mm_megatron.model.vision import VisionEncoder
+from mm_megatron.parallel.cp_padding import CPPadder, DecoderInputs
+
+
+def _group_rank(pg_collection: ProcessGroupCollection, name: str) -> int:
+    group = getattr(pg_collection, name, None)
+    if group is None or not torch.distributed.is_initialized():
+        return 0
+    return torch.distributed.get_rank(group)
 
 
 class LlavaModel(MegatronModule):
@@ -67,7 +75,13 @@ class LlavaModel(MegatronModule):
         self.padded_vocab_size = cfg.lm.padded_vocab_size(self.tp_size)
         self.language_model = GPTModel(
             config=lm_config,
-            transformer_layer_spec=lm_layer_spec(cfg.lm.spec),
+            transformer_layer_spec=block_spec(
+                lm_layer_spec(cfg.lm.spec),
+                cfg.lm.spec,
+                lm_config,
+                vp_stage=vp_stage,
+                pp_rank=_group_rank(pg_collection, "pp"),
+            ),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.lm.max_position_embeddings,
             pre_process=pre_process,
@@ -80,17 +94,29 @@ class LlavaModel(MegatronModule):
             **rope_kwargs(cfg.lm),
         )
         self.share_embeddings_and_output_weights = cfg.lm.tie_embeddings
+        self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read this
+        self.vp_stage = vp_stage
         self.vision_model = None
         self.vision_projection = None
         if add_encoder:
             self.vision_model = VisionEncoder(
-                vision_config, cfg.vision, vit_layer_spec(cfg.vision.spec), pg_collection
+                vision_config,
+                cfg.vision,
+                block_spec(vit_layer_spec(cfg.vision.spec), cfg.vision.spec, vision_config),
+                pg_collection,
             )
             self.vision_projection = build_projector(
                 projector_config, cfg.projector, cfg.vision.hidden_size, pg_collection
             )
         self.tokens_per_image = cfg.tokens_per_image
-        self.seq_multiple = self.tp_size if self.sequence_parallel else 1
+        # Pads to the CP/SP shard factor, splits to this CP rank, scatters to the SP region.
+        self.padder = CPPadder(
+            tp=self.tp_size,
+            cp=lm_config.context_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            cp_group=pg_collection.cp if lm_config.context_parallel_size > 1 else None,
+            tp_group=pg_collection.tp if self.sequence_parallel else None,
+        )
 
     # megatron's schedules and DDP call these ------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -120,7 +146,6 @@ class LlavaModel(MegatronModule):
             num_images=num_images,
             labels=labels,
             seq_lens=seq_lens,
-            seq_multiple=self.seq_multiple,
             min_seq_len=min_seq_len,
         )
 
@@ -128,7 +153,8 @@ class LlavaModel(MegatronModule):
         """images [N, C, H, W] -> projected features [N, T, h_lm]."""
         return self.vision_projection(self.vision_model(images))
 
-    def _decoder_input(self, images: torch.Tensor, input_ids: torch.Tensor, plan: MergePlan):
+    def _merged_embeddings(self, images, input_ids, plan: MergePlan) -> torch.Tensor:
+        """Text + image embeddings, expanded: [b, s_out, h]."""
         ids = input_ids.clamp(0, self.padded_vocab_size - 1)
         text = self.language_model.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
         text = text.transpose(0, 1)  # [b, s, h]
@@ -140,22 +166,55 @@ class LlavaModel(MegatronModule):
         if plan.num_images == 0 and self.training:
             # NOTE: a batch without images must still touch every vision parameter (zero weight),
             # or data-parallel gradient reduction waits forever for their gradients.
-            v = self.vision_model.config
+            v = self.cfg.vision
             dummy = torch.zeros(
                 1,
-                self.cfg.vision.num_channels,
-                self.cfg.vision.image_size,
-                self.cfg.vision.image_size,
-                dtype=v.params_dtype,
+                v.num_channels,
+                v.image_size,
+                v.image_size,
+                dtype=self.vision_model.config.params_dtype,
                 device=merged.device,
             )
             merged = merged + 0.0 * self.encode_images(dummy).sum()
-        merged = merged.transpose(0, 1).contiguous()  # [s_out, b, h]
-        if self.sequence_parallel:
-            merged = tensor_parallel.scatter_to_sequence_parallel_region(
-                merged, group=self.pg_collection.tp
-            )
         return merged
+
+    def prepare_decoder_inputs(
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        num_images: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+        min_seq_len: int = 0,
+    ) -> DecoderInputs:
+        """Merge, shift labels, pad for CP/SP, split to this CP rank, scatter to SP.
+
+        Packed batches (``seq_lens`` given) are flattened into one THD sequence: every
+        sub-sequence of every row, each padded on its own.
+        """
+        plan = self.plan(input_ids, labels, num_images, seq_lens, min_seq_len)
+        b = input_ids.shape[0]
+        if plan.labels is not None:
+            targets, loss_mask = shift_labels(plan.labels, plan.segment_lengths)
+        else:
+            targets, loss_mask = None, torch.ones(b, plan.seq_len, device=input_ids.device)
+            valid = (
+                torch.arange(plan.seq_len, device=input_ids.device)[None] < plan.lengths[:, None]
+            )
+            loss_mask = loss_mask * valid
+        emb = self._merged_embeddings(images, input_ids, plan) if self.pre_process else None
+        seg = None
+        if plan.segment_lengths is not None:
+            seg = plan.segment_lengths[plan.segment_lengths > 0]  # [n_seq]
+            ends = plan.segment_lengths.sum(1)  # [b]
+            keep = torch.arange(plan.seq_len, device=input_ids.device)[None] < ends[:, None]
+            # [b, s_out, ...] -> [1, t, ...], row-major = sub-sequence order
+            emb = None if emb is None else emb[keep].unsqueeze(0)
+            targets = None if targets is None else targets[keep].unsqueeze(0)
+            loss_mask = loss_mask[keep].unsqueeze(0)
+        if emb is not None:
+            emb = emb.transpose(0, 1).contiguous()  # [s, b, h]
+        return self.padder(emb, targets, loss_mask, seq_lengths=seg)
 
     def forward(
         self,
@@ -166,23 +225,20 @@ class LlavaModel(MegatronModule):
         seq_lens: torch.Tensor | None = None,
         min_seq_len: int = 0,
     ):
-        plan = self.plan(input_ids, labels, num_images, seq_lens, min_seq_len)
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self._decoder_input(images, input_ids, plan)
-        targets = loss_mask = None
-        if plan.labels is not None:
-            targets, loss_mask = shift_labels(plan.labels, plan.segment_lengths)
+        di = self.prepare_decoder_inputs(
+            images, input_ids, labels, num_images, seq_lens, min_seq_len
+        )
         out = self.language_model(
             input_ids=None,
             position_ids=None,
             attention_mask=None,
-            decoder_input=decoder_input,
-            labels=targets if self.post_process else None,
-            runtime_gather_output=None if targets is not None else True,
+            decoder_input=di.embeddings,
+            labels=di.labels if self.post_process else None,
+            packed_seq_params=di.packed_seq_params,
+            runtime_gather_output=None if di.labels is not None else True,
         )
         if not self.post_process:
             return out  # hidden states for the next stage
-        if targets is not None:
-            return out, loss_mask  # per-token loss [b, s_out], mask [b, s_out]
-        return out[..., : self.cfg.lm.vocab_size]  # [b, s_out, vocab]
+        if di.labels is not None:
+            return out, di.loss_mask  # per-token loss [b, s_local], mask [b, s_local]
+        return out[..., : self.cfg.lm.vocab_size]  # [b, s_local, vocab]

@@ -22,6 +22,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
@@ -150,3 +155,27 @@ def projector_linears(spec: str) -> tuple[type, type]:
     if spec == "local":
         return ColumnParallelLinear, RowParallelLinear
     raise ValueError(f"unknown projector spec {spec!r} (local|te)")
+
+
+def block_spec(
+    layer: ModuleSpec,
+    spec: str,
+    config: TransformerConfig,
+    *,
+    vp_stage: int | None = None,
+    pp_rank: int = 0,
+) -> TransformerBlockSubmodules:
+    """This stage's block: its layers plus the final norm of the chosen spec.
+
+    NOTE: handing megatron a bare layer spec would build the block's final norm from megatron's
+    default ``LayerNormImpl`` (``WrappedTorchNorm`` without apex), which refuses sequence
+    parallelism; so the block spec is explicit.
+    """
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if spec == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    else:
+        norm = LocalNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)

@@ -70,7 +70,9 @@ def lm_transformer_config(
         add_qkv_bias=lm.qkv_bias,
         # Every micro-batch may have its own length (image expansion, packing).
         variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # no MoE; megatron rejects the default with the above
+        moe_token_dispatcher_type="alltoall",
+        # Loss = sum over tokens; finalize_model_grads divides by the global token count.
+        calculate_per_token_loss=True,  # no MoE; megatron rejects the default with the above
     )
 
 
@@ -111,7 +113,7 @@ def projector_transformer_config(
         num_layers=1,
         hidden_size=cfg.lm.hidden_size,
         ffn_hidden_size=cfg.projector.hidden_size or cfg.lm.hidden_size,
-        num_attention_heads=1,
+        num_attention_heads=par.tp,  # unused by the MLP; megatron requires TP to divide it
         gated_linear_unit=False,
         activation_func=F.gelu,
         add_bias_linear=cfg.projector.bias,

@@ -18,7 +18,10 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import VisionConfig
@@ -31,7 +34,7 @@ class VisionEncoder(MegatronModule):
     Args:
         config: the ViT's TransformerConfig.
         vcfg: the VisionConfig (style, sizes, feature selection).
-        layer_spec: ModuleSpec of one encoder layer (local or TE).
+        layer_spec: block spec (or ModuleSpec of one encoder layer), local or TE.
         pg_collection: process groups (TP is used by the transformer layers).
     """
 
@@ -39,7 +42,7 @@ class VisionEncoder(MegatronModule):
         self,
         config: TransformerConfig,
         vcfg: VisionConfig,
-        layer_spec: ModuleSpec,
+        layer_spec: ModuleSpec | TransformerBlockSubmodules,
         pg_collection: ProcessGroupCollection,
     ):
         super().__init__(config=config)

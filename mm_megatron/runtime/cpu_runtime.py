@@ -13,7 +13,9 @@ Instead of editing each site, this module installs one general redirect:
 
 1. ``_CudaToCpuMode``, a ``torch.overrides.TorchFunctionMode`` that rewrites device arguments
    ``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")`` and bare integers to ``"cpu"`` in factory
-   functions and ``Tensor.to``, and turns ``Tensor.cuda()`` into a no-op (dtype/copy honoured).
+   functions and ``Tensor.to``, turns ``Tensor.cuda()`` and pinning into no-ops, and answers
+   ``Tensor.type()`` in CUDA spelling (``torch.cuda.FloatTensor``), which megatron's optimizer
+   and grad clipping assert on.
 2. CPU stand-ins for the ``torch.cuda`` calls megatron makes directly: ``current_device``,
    ``synchronize``, ``set_device``, ``device_count``, ``get_rng_state``/``set_rng_state``/
    ``manual_seed`` (mapped to the CPU generator), ``empty_cache``, memory queries, streams/events.
@@ -25,8 +27,9 @@ What it does not do: it never runs when CUDA is in use (``activate()`` refuses u
 device is available, so GPU behaviour is untouched), and it does not make the local spec support
 sequence or context parallelism (that is ``mm_megatron.model.norm`` / ``.attention``).
 
-The mode is thread-local in torch; the autograd engine runs CPU backward passes on the calling
-thread, so one activation per process covers forward and backward.
+The mode is thread-local and the autograd engine does not carry it into ``backward`` of custom
+autograd functions; the backward paths megatron has allocate with
+``device=torch.cuda.current_device()``, which the stand-in answers with the CPU device.
 """
 
 from __future__ import annotations
@@ -57,14 +60,18 @@ def check_megatron_version(expected: str = PINNED_MEGATRON_CORE) -> str:
     Returns:
         The installed version string.
     """
+    from importlib import metadata
+
     try:
-        from megatron.core import package_info
-    except ImportError as e:  # pragma: no cover - install problem
+        found = metadata.version("megatron-core")
+    except metadata.PackageNotFoundError as e:  # pragma: no cover - install problem
         raise MegatronVersionError(
-            f"megatron-core is not importable ({e}); mm_megatron needs megatron-core=={expected}. "
+            f"megatron-core is not installed; mm_megatron needs megatron-core=={expected}. "
             "Run `make install`."
         ) from e
-    found = package_info.__version__
+    # NOTE: not megatron.core.package_info.__version__, which appends the git hash of whatever
+    # repository the current directory is in ("0.19.2+abc123").
+    found = found.split("+")[0]
     if found != expected:
         raise MegatronVersionError(
             f"mm_megatron's CPU runtime was written for megatron-core=={expected}, but "
@@ -105,20 +112,22 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             # tensor.cuda(device=None, non_blocking=False, memory_format=...) -> identity on CPU.
             return args[0]
-        if func in (torch.Tensor.is_cuda.__get__,):  # pragma: no cover - property access
-            return False
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers classify params by ``param.type()`` and reject anything but
+            # 'torch.cuda.{Float,Half,BFloat16}Tensor'; report CPU tensors in CUDA spelling.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+        if func is torch.Tensor.pin_memory:
+            return args[0]  # pinning needs a CUDA driver; pageable CPU memory is fine here
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         dev = kwargs.get("device")
         if _is_cuda_device(dev):
             kwargs["device"] = _CPU
-        if func is torch.Tensor.to or func is torch.Tensor.type:
-            if args and len(args) > 1 and _is_cuda_device(args[1]):
-                args = (args[0], _CPU) + tuple(args[2:])
-        elif func in _POSITIONAL_DEVICE_FUNCS and len(args) > 1 and _is_cuda_device(args[-1]):
-            args = tuple(args[:-1]) + (_CPU,)
+        to_or_type = func in (torch.Tensor.to, torch.Tensor.type)
+        if to_or_type and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
         return func(*args, **kwargs)
-
-
-_POSITIONAL_DEVICE_FUNCS = {torch.Tensor.pin_memory}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +205,10 @@ def _megatron_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_saf
 
 
 _CUDA_STANDINS: dict[str, Any] = {
-    "current_device": lambda: 0,
+    # NOTE: a device object, not the int 0: megatron passes ``device=torch.cuda.current_device()``
+    # inside autograd backward functions (SP gather/scatter, linear wgrad), where the autograd
+    # engine does not carry the Python torch-function mode over, so only a CPU device works there.
+    "current_device": lambda: _CPU,
     "set_device": lambda device: None,
     "device_count": lambda: 0,
     "synchronize": lambda device=None: None,

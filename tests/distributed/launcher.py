@@ -9,10 +9,13 @@ groups are always destroyed.
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_mod
 import tempfile
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -36,7 +39,11 @@ def _worker(rank, world_size, init_file, fn, args, queue):
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # NOTE: tensors go through the queue as bytes: torch's shared-memory tensor passing
+        # breaks when the sending process exits before the receiver has opened them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -71,12 +78,17 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
             for _ in range(world_size):
                 rank, ok, payload = queue.get(timeout=timeout)
                 if ok:
-                    results[rank] = payload
+                    results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
                 else:
                     errors.append(f"rank {rank} failed:\n{payload}")
                     break
-        except Exception as e:  # queue.Empty on timeout
-            errors.append(f"distributed run timed out after {timeout}s ({type(e).__name__})")
+        except queue_mod.Empty:
+            dead = [
+                f"rank {r} exit code {p.exitcode}" for r, p in enumerate(procs) if not p.is_alive()
+            ]
+            errors.append(
+                f"distributed run timed out after {timeout}s; {', '.join(dead) or 'all alive'}"
+            )
         finally:
             for p in procs:
                 p.join(timeout=5 if errors else 60)

@@ -23,10 +23,15 @@ def test_device_redirect_factories_and_moves():
     assert x.to("cuda").device.type == "cpu"
     assert x.to(device="cuda:0", dtype=torch.float64).dtype == torch.float64
     assert x.to(torch.float16).dtype == torch.float16  # non-device .to untouched
+    pinned = torch.tensor([1, 2], device="cpu", pin_memory=True).cuda(non_blocking=True)
+    assert pinned.tolist() == [1, 2] and x.pin_memory() is x
+    # megatron's optimizer/clip_grads check param.type() for CUDA names
+    assert x.type() == "torch.cuda.FloatTensor"
+    assert x.type(torch.float64).dtype == torch.float64
 
 
 def test_cuda_standins():
-    assert torch.cuda.current_device() == 0
+    assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
     torch.cuda.synchronize()
     torch.cuda.set_device(0)
     torch.cuda.manual_seed(5)
@@ -85,10 +90,10 @@ def test_broadcast_data(single_rank):
 
 
 def test_version_check(monkeypatch):
-    from megatron.core import package_info
+    from importlib import metadata
 
     assert cpu_runtime.check_megatron_version() == cpu_runtime.PINNED_MEGATRON_CORE
-    monkeypatch.setattr(package_info, "__version__", "0.0.1")
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0.1")
     with pytest.raises(cpu_runtime.MegatronVersionError, match="0.0.1 is installed"):
         cpu_runtime.check_megatron_version()
 
@@ -115,3 +120,22 @@ def test_deactivate_restores():
     finally:
         cpu_runtime.activate()
     assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+
+def test_backward_allocations_outside_the_mode():
+    """Custom autograd backward runs without the torch-function mode; current_device covers it."""
+
+    class F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            out = torch.empty(g.shape, dtype=g.dtype, device=torch.cuda.current_device())
+            out.copy_(g * 2)
+            return out
+
+    x = torch.ones(3, requires_grad=True)
+    F.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))

@@ -1,0 +1,215 @@
+"""The per-rank sample stream: deterministic order, DP/worker sharding, resumable positions.
+
+What this file does:
+- `SampleOrder` defines, for one data-parallel rank, which (shard, sample) sits at every
+  position 0, 1, 2, ... of its stream. Epoch e is the whole dataset with the shard order
+  permuted and each shard's samples permuted (seeded by (seed, e), when shuffling); rank r takes
+  the r-th contiguous slice of that epoch (slices differ by at most one sample, cover every sample
+  once and never overlap); its stream is slice(epoch 0), slice(epoch 1), ... Position p is a
+  pure function of (shards, seed, dp_rank, dp_size), so resuming at p needs nothing but p, and
+  the number of DataLoader workers does not change the stream.
+- `ExampleDataset` (a torch IterableDataset) reads positions start, start+1, ... in chunks of
+  consecutive positions (chunk j goes to worker j % W), finds each sample in its tar shard by
+  random access (`shards.ShardMembers`), and yields an `Example` or, for a sample that must be
+  skipped, a `BadSample` at the same position, so the loader can restore the order and count it.
+
+The data-parallel rank and size are arguments; nothing here reads torch.distributed.
+
+What it does not do: count/log bad samples, batch, pack or collate (`loader.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from mm_megatron.data.samples import BadSample, BadSampleError, Example, SampleProcessor
+from mm_megatron.data.shards import ShardInfo, ShardMembers
+
+
+class SampleOrder:
+    """Maps positions of one DP rank's stream to (shard index, sample index in the shard)."""
+
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        *,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool,
+        num_epochs: int | None = None,
+    ):
+        """Args:
+        shards: All shards of the split, in a fixed order (every rank passes the same list).
+        dp_rank: This rank's index in the data-parallel group.
+        dp_size: Size of the data-parallel group.
+        seed: Base seed of the shuffles (non-negative).
+        shuffle: Permute shards and samples per epoch; False keeps file order.
+        num_epochs: Length of the stream in epochs; None for endless.
+        """
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be >= 0")
+        self.shards = shards
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_epochs = num_epochs
+        self._counts = np.array([s.num_samples for s in shards], dtype=np.int64)
+        total = int(self._counts.sum())
+        base, extra = divmod(total, dp_size)
+        self.samples_per_epoch = base + (1 if dp_rank < extra else 0)
+        """Samples this rank reads per epoch."""
+        self._rank_offset = dp_rank * base + min(dp_rank, extra)
+        if self.samples_per_epoch == 0:
+            raise ValueError(f"{total} samples cannot be split over dp_size={dp_size} ranks")
+        self._epoch = -1
+        self._shard_order = np.arange(len(shards))
+        self._ends = np.cumsum(self._counts)
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def end(self) -> int | None:
+        """One past the last position, or None for an endless stream."""
+        return None if self.num_epochs is None else self.num_epochs * self.samples_per_epoch
+
+    def _set_epoch(self, epoch: int) -> None:
+        if epoch == self._epoch:
+            return
+        self._epoch, self._perms = epoch, {}
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._shard_order = rng.permutation(len(self.shards))
+        self._ends = np.cumsum(self._counts[self._shard_order])
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(shard index, sample index within the shard) at `position` of this rank's stream."""
+        epoch, offset = divmod(position, self.samples_per_epoch)
+        self._set_epoch(epoch)
+        g = self._rank_offset + offset  # index in the epoch's global order
+        k = int(np.searchsorted(self._ends, g, side="right"))
+        shard = int(self._shard_order[k])
+        local = g - (int(self._ends[k - 1]) if k else 0)
+        if self.shuffle:
+            if shard not in self._perms:
+                rng = np.random.default_rng([self.seed, epoch, shard, 1])
+                self._perms[shard] = rng.permutation(int(self._counts[shard]))
+            local = int(self._perms[shard][local])
+        return shard, local
+
+
+class ExampleDataset(torch.utils.data.IterableDataset):
+    """Yields chunks (lists) of `Example` / `BadSample` for positions start, start+1, ..."""
+
+    def __init__(
+        self,
+        order: SampleOrder,
+        processor: SampleProcessor,
+        *,
+        start: int = 0,
+        chunk: int = 4,
+        max_open_shards: int = 4,
+    ):
+        """Args:
+        order: The rank's sample order.
+        processor: Turns raw members into arrays.
+        start: First position to read (to resume).
+        chunk: Consecutive positions a worker reads and sends as one item.
+        max_open_shards: Shard files each worker keeps open.
+        """
+        super().__init__()
+        self.order = order
+        self.processor = processor
+        self.start = start
+        self.chunk = chunk
+        self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, ShardMembers | Exception] = OrderedDict()
+        self._open_pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        # Open files do not pickle (spawn/forkserver workers); each process reopens its own.
+        state = dict(self.__dict__)
+        state["_open"], state["_open_pid"] = OrderedDict(), -1
+        return state
+
+    def _shard(self, index: int) -> ShardMembers | Exception:
+        if self._open_pid != os.getpid():
+            # NOTE: a forked worker must not share file offsets with its parent: reopen.
+            self._open, self._open_pid = OrderedDict(), os.getpid()
+        if index in self._open:
+            self._open.move_to_end(index)
+            return self._open[index]
+        try:
+            members: ShardMembers | Exception = ShardMembers(self.order.shards[index].path)
+        except Exception as e:  # unreadable or truncated tar: its samples become bad samples
+            members = e
+        self._open[index] = members
+        while len(self._open) > self.max_open_shards:
+            _, old = self._open.popitem(last=False)
+            if isinstance(old, ShardMembers):
+                old.close()
+        return members
+
+    def read_position(self, position: int) -> Example | BadSample:
+        """The sample at `position`, processed."""
+        shard_index, local = self.order.locate(position)
+        path = self.order.shards[shard_index].path
+        members = self._shard(shard_index)
+        if isinstance(members, Exception):
+            reason, detail = "unreadable_shard", f"{type(members).__name__}: {members}"
+            return BadSample("?", path, position, reason, detail)
+        if local >= len(members.keys):
+            detail = (
+                f"sample {local} requested, the tar holds {len(members.keys)} ({members.error})"
+            )
+            return BadSample("?", path, position, "unreadable_shard", detail)
+        key = members.keys[local]
+
+        def read(ext: str) -> bytes:
+            try:
+                return members.read(key, ext)
+            except OSError as e:
+                raise BadSampleError("unreadable_shard", f"{key}.{ext}: {e}") from e
+
+        try:
+            input_ids, labels, images, total = self.processor(members.members[key].keys(), read)
+        except BadSampleError as e:
+            return BadSample(key, path, position, e.reason, e.detail)
+        return Example(key, path, position, input_ids, labels, images, total)
+
+    def iter_chunks(
+        self, start: int, worker_id: int = 0, num_workers: int = 1, chunk: int = 1
+    ) -> Iterator[list[Example | BadSample]]:
+        """This worker's chunks of consecutive positions, in increasing order.
+
+        Positions from `start` on are cut into chunks of `chunk`; chunk j goes to worker
+        j % num_workers. Chunks amortise the per-item cost of sending results between processes.
+
+        Args:
+            start: First position of the stream to read.
+            worker_id: This worker's index.
+            num_workers: Number of workers sharing the stream.
+            chunk: Positions per chunk.
+        """
+        end = self.order.end
+        first = start + worker_id * chunk
+        while end is None or first < end:
+            last = first + chunk if end is None else min(first + chunk, end)
+            yield [self.read_position(p) for p in range(first, last)]
+            first += num_workers * chunk
+
+    def iter_positions(self, start: int) -> Iterator[Example | BadSample]:
+        """Every position from `start` on, in this process."""
+        for items in self.iter_chunks(start):
+            yield from items
+
+    def __iter__(self) -> Iterator[list[Example | BadSample]]:
+        info = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        # Each worker gets its own copy of this object; it opens its own file handles.
+        return self.iter_chunks(self.start, worker_id, num_workers, self.chunk)

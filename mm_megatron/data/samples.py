@@ -1,0 +1,183 @@
+"""One raw webdataset sample -> a model-ready `Example`, or the reason it is bad.
+
+What this file does: parses the sample's JSON record, tokenizes its conversation with a chat
+template, checks that placeholders match images and that the expanded length fits, then decodes
+and transforms the images (last, so rejected samples cost no decoding). Every failure that is the
+data's fault raises `BadSampleError` with one of `BAD_REASONS`; the reader turns it into a
+`BadSample` that the loader counts and logs.
+
+What it does not do: read tar files, order samples, or batch them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mm_megatron.data.batch import IGNORE_INDEX, expanded_length
+from mm_megatron.data.image import ImageDecodeError, ImageTransform
+from mm_megatron.data.shards import IMAGE_EXTENSIONS
+from mm_megatron.data.templates import TemplateError, tokenize_conversation
+
+BAD_REASONS = (
+    "broken_json",
+    "broken_record",
+    "empty_conversation",
+    "placeholder_mismatch",
+    "missing_image",
+    "corrupt_image",
+    "too_long",
+    "no_loss_tokens",
+    "unreadable_shard",
+)
+"""Names of the bad-sample counters."""
+
+
+class BadSampleError(ValueError):
+    """A sample the pipeline must skip; `reason` is one of `BAD_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        """Counter name from `BAD_REASONS`."""
+        self.detail = detail
+        """Human-readable explanation."""
+
+
+@dataclass
+class Example:
+    """A tokenized sample with its images, ready to batch.
+
+    Arrays are numpy, not torch: DataLoader workers pickle them through the result pipe, which
+    for one sample is far cheaper than torch's per-tensor shared-memory file descriptors.
+    """
+
+    key: str
+    """webdataset `__key__`."""
+
+    shard: str
+    """Path of the shard it came from."""
+
+    position: int
+    """Position in this rank's sample stream (bad samples count too)."""
+
+    input_ids: np.ndarray
+    """int64 [s_text], one image token per image."""
+
+    labels: np.ndarray
+    """int64 [s_text], unshifted, -100 where no loss applies."""
+
+    images: np.ndarray
+    """uint8 [n_images, H, W, 3] (n_images may be 0): squared and resized, not yet normalised
+    (`collate_rows` normalises them into the batch)."""
+
+    expanded_len: int
+    """Length after image expansion: s_text - n_images + n_images * tokens_per_image."""
+
+
+@dataclass
+class BadSample:
+    """Marks a skipped sample so that the stream keeps its positions."""
+
+    key: str
+    """webdataset `__key__` (or `?` when unknown)."""
+
+    shard: str
+    """Path of the shard it came from."""
+
+    position: int
+    """Position in this rank's sample stream."""
+
+    reason: str
+    """One of `BAD_REASONS`."""
+
+    detail: str
+    """Human-readable explanation."""
+
+
+def _record_images(record: dict[str, Any]) -> list[str]:
+    images = record.get("images")
+    if images is None:
+        image = record.get("image")
+        images = [] if image is None else [image]
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise BadSampleError("broken_record", f"`images` must be a list of str, got {images!r}")
+    return images
+
+
+@dataclass(frozen=True)
+class SampleProcessor:
+    """Turns the members of one sample into an `Example` (see the module docstring)."""
+
+    tokenizer_info: Any
+    """A `TokenizerInfo`."""
+
+    template: str
+    """Chat template name."""
+
+    image_transform: ImageTransform
+    """Square/resize/normalise transform."""
+
+    max_seq_len: int
+    """Longest allowed expanded length."""
+
+    tokens_per_image: int
+    """Embeddings the model inserts per image."""
+
+    system_prompt: str | None = None
+    """System prompt override (None: template default)."""
+
+    def __call__(
+        self, available: Collection[str], read: Callable[[str], bytes]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Build (input_ids, labels, images, expanded_len) or raise `BadSampleError`.
+
+        Args:
+            available: Member extensions of the sample, e.g. {"json", "0.jpg"}.
+            read: Returns the bytes of the member with a given extension.
+        """
+        if "json" not in available:
+            raise BadSampleError("broken_json", f"no json member (members: {sorted(available)})")
+        try:
+            record = json.loads(read("json").decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadSampleError("broken_json", str(e)) from e
+        if not isinstance(record, dict):
+            raise BadSampleError("broken_record", f"record is a {type(record).__name__}")
+        image_names = _record_images(record)
+        info = self.tokenizer_info
+        try:
+            tokens = tokenize_conversation(
+                record.get("conversations"), info, self.template, system_prompt=self.system_prompt
+            )
+        except TemplateError as e:
+            raise BadSampleError(e.reason, str(e)) from e
+        num_images = len(image_names)
+        num_placeholders = sum(1 for t in tokens.input_ids if t == info.image_token_id)
+        if num_placeholders != num_images:
+            raise BadSampleError(
+                "placeholder_mismatch", f"{num_placeholders} placeholders for {num_images} images"
+            )
+        total = expanded_length(len(tokens.input_ids), num_images, self.tokens_per_image)
+        if total > self.max_seq_len:
+            raise BadSampleError("too_long", f"expanded length {total} > {self.max_seq_len}")
+        if all(label == IGNORE_INDEX for label in tokens.labels):
+            raise BadSampleError("no_loss_tokens", "no token has a label")
+
+        size = self.image_transform.size
+        pixels = np.empty((num_images, size, size, 3), dtype=np.uint8)  # [n, H, W, 3]
+        for i in range(num_images):
+            ext = next((f"{i}.{e}" for e in IMAGE_EXTENSIONS if f"{i}.{e}" in available), None)
+            if ext is None:
+                raise BadSampleError("missing_image", f"no member for image {i} ({image_names[i]})")
+            try:
+                pixels[i] = self.image_transform.pixels(read(ext))
+            except ImageDecodeError as e:
+                raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
+        input_ids = np.asarray(tokens.input_ids, dtype=np.int64)
+        labels = np.asarray(tokens.labels, dtype=np.int64)
+        return input_ids, labels, pixels, total

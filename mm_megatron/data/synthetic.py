@@ -1,0 +1,366 @@
+"""A small, learnable synthetic captioning/VQA dataset, its tokenizer, in the real shard format.
+
+What this file does: draws images with pillow (one shape from `SHAPES`, in one of `COLOURS`, at
+one of `POSITIONS`, on a plain background; a quarter of the images are not square) and writes
+LLaVA records about them into webdataset shards in exactly the format `convert.py` produces
+(`shards.py` documents it), so the same reader reads both. Sample kinds:
+
+- caption: "<image>\\nDescribe the image briefly." -> "a red circle on the left"
+- vqa: one to three of "What colour is the shape?" -> "red", "What shape is it?" -> "circle",
+  "Where is the shape?" -> "left"
+- multi-image (two images): "Do the two shapes have the same colour?" -> "yes"/"no", sometimes
+  followed by "What shape is in the second image?"
+- text-only: "What is the opposite of left?" -> "right", "Which colour do you get by mixing red
+  and yellow?" -> "orange"
+
+It also trains a tiny byte-level BPE tokenizer over the dataset's texts and the chat templates'
+fixed strings (`tokenizer.train_tiny_tokenizer`) and writes `dataset_info.json`. Output layout:
+
+    out_dir/train-000000.tar ...  train.index.json
+    out_dir/val-000000.tar ...    val.index.json      (held-out split, different samples)
+    out_dir/tokenizer/            tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    out_dir/dataset_info.json     counts, vocab size, image size, label vocabularies
+
+Every sample is drawn from its own RNG seeded by (seed, split, index), so output is byte-identical
+for the same arguments. `mm-megatron data synth` calls `main(argv)`.
+
+What it does not do: evaluation metrics, or downloading anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from mm_megatron.data.shards import ShardWriter, encode_sample, sample_key
+from mm_megatron.data.templates import TEMPLATES, VICUNA_SYSTEM
+from mm_megatron.data.tokenizer import TINY_SPECIAL_TOKENS, train_tiny_tokenizer
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+"""Shape colours (RGB)."""
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond")
+"""Shapes that can be drawn."""
+
+POSITIONS = {
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
+}
+"""Position name -> shape centre as a fraction of (width, height)."""
+
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+"""How captions say a position."""
+
+OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "center": "center"}
+"""Answers of the text-only 'opposite' questions."""
+
+MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
+"""Answers of the text-only 'mixing' questions."""
+
+BACKGROUNDS = ((250, 250, 250), (190, 190, 190), (30, 30, 30))
+"""Plain background colours."""
+
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "What is in the picture?",
+    "Write a short caption for the image.",
+)
+"""User prompts of caption samples."""
+
+QUESTIONS = {
+    "colour": "What colour is the shape?",
+    "shape": "What shape is it?",
+    "position": "Where is the shape?",
+}
+"""VQA question per attribute."""
+
+
+def draw_shape(
+    shape: str, colour: str, position: str, width: int, height: int, rng: random.Random
+) -> Image.Image:
+    """Draw one shape on a plain background.
+
+    Args:
+        shape: One of `SHAPES`.
+        colour: A key of `COLOURS`.
+        position: A key of `POSITIONS`.
+        width: Image width in pixels.
+        height: Image height in pixels.
+        rng: Source of the background, size and position jitter.
+    """
+    img = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    draw = ImageDraw.Draw(img)
+    side = min(width, height)
+    r = side * rng.uniform(0.14, 0.19)
+    fx, fy = POSITIONS[position]
+    cx = fx * width + rng.uniform(-0.04, 0.04) * side
+    cy = fy * height + rng.uniform(-0.04, 0.04) * side
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "star":
+        import math
+
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else 0.45 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        draw.polygon(points, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return img
+
+
+def _random_image(rng: random.Random, image_size: int, colour: str | None = None) -> dict:
+    """Attributes and drawing of one random image."""
+    width = height = image_size
+    if rng.random() < 0.25:  # some non-square images exercise pad/resize
+        if rng.random() < 0.5:
+            height = round(image_size * 0.75)
+        else:
+            width = round(image_size * 0.75)
+    attrs = {
+        "shape": rng.choice(SHAPES),
+        "colour": colour or rng.choice(sorted(COLOURS)),
+        "position": rng.choice(sorted(POSITIONS)),
+    }
+    attrs["image"] = draw_shape(
+        attrs["shape"], attrs["colour"], attrs["position"], width, height, rng
+    )
+    return attrs
+
+
+def _with_image(rng: random.Random, text: str, n: int = 1) -> str:
+    marks = "\n".join(["<image>"] * n)
+    return f"{text}\n{marks}" if rng.random() < 0.2 else f"{marks}\n{text}"
+
+
+def make_sample(
+    rng: random.Random, image_size: int, multi_image_fraction: float, text_only_fraction: float
+) -> tuple[list[dict], list[Image.Image], str]:
+    """One random sample: (conversations, images, kind).
+
+    Args:
+        rng: The sample's own random generator.
+        image_size: Longer side of the drawn images.
+        multi_image_fraction: Probability of a two-image sample.
+        text_only_fraction: Probability of a sample without images.
+    """
+    u = rng.random()
+    if u < text_only_fraction:
+        if rng.random() < 0.5:
+            position = rng.choice(sorted(OPPOSITES))
+            question, answer = f"What is the opposite of {position}?", OPPOSITES[position]
+        else:
+            (a, b), answer = rng.choice(sorted(MIXES.items()))
+            question = f"Which colour do you get by mixing {a} and {b}?"
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], [], "text"
+    if u < text_only_fraction + multi_image_fraction:
+        first = _random_image(rng, image_size)
+        same = rng.random() < 0.5
+        other = rng.choice(sorted(set(COLOURS) - {first["colour"]}))
+        second = _random_image(rng, image_size, colour=first["colour"] if same else other)
+        turns = [
+            {
+                "from": "human",
+                "value": _with_image(rng, "Do the two shapes have the same colour?", 2),
+            },
+            {"from": "gpt", "value": "yes" if same else "no"},
+        ]
+        if rng.random() < 0.5:
+            turns.append({"from": "human", "value": "What shape is in the second image?"})
+            turns.append({"from": "gpt", "value": second["shape"]})
+        return turns, [first["image"], second["image"]], "multi"
+    attrs = _random_image(rng, image_size)
+    if rng.random() < 0.55:
+        caption = f"a {attrs['colour']} {attrs['shape']} {POSITION_PHRASES[attrs['position']]}"
+        prompt = _with_image(rng, rng.choice(CAPTION_PROMPTS))
+        turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]
+        return turns, [attrs["image"]], "caption"
+    asked = rng.sample(sorted(QUESTIONS), rng.randint(1, 3))
+    turns = []
+    for i, attribute in enumerate(asked):
+        question = QUESTIONS[attribute]
+        turns.append({"from": "human", "value": _with_image(rng, question) if i == 0 else question})
+        turns.append({"from": "gpt", "value": attrs[attribute]})
+    return turns, [attrs["image"]], "vqa"
+
+
+def _encode_image(img: Image.Image, image_format: str) -> bytes:
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        img.save(buf, format="JPEG", quality=92)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _template_texts() -> list[str]:
+    """The templates' fixed strings, so the tiny tokenizer learns them as few tokens."""
+    texts = [VICUNA_SYSTEM, "You are a helpful assistant.", "<|begin_of_text|>"]
+    for t in TEMPLATES.values():
+        texts += [t.system_format, t.user_prefix, t.user_suffix, t.assistant_prefix]
+        if isinstance(t.assistant_end, str):
+            texts.append(t.assistant_end + t.assistant_suffix)
+    return [text for text in texts if text.strip()]
+
+
+def _write_split(
+    out_dir: str, split: str, n: int, seed: int, shard_size: int, image_format: str, **kw: Any
+) -> tuple[dict, list[str]]:
+    counts = {"num_samples": n, "num_images": 0, "text_only": 0, "multi_image": 0}
+    texts: list[str] = []
+    with ShardWriter(out_dir, split, samples_per_shard=shard_size) as writer:
+        for i in range(n):
+            rng = random.Random(f"mm_megatron-synthetic/{seed}/{split}/{i}")
+            turns, images, kind = make_sample(rng, **kw)
+            record_id = f"synth-{split}-{i:06d}"
+            names = [f"{split}/{i:06d}_{j}.{image_format}" for j in range(len(images))]
+            record = {"id": record_id, "conversations": turns, "images": names}
+            payload = [(image_format, _encode_image(img, image_format)) for img in images]
+            writer.write(encode_sample(sample_key(i, record_id), record, payload))
+            counts["num_images"] += len(images)
+            counts["text_only"] += kind == "text"
+            counts["multi_image"] += kind == "multi"
+            texts.extend(t["value"].replace("<image>", "") for t in turns)
+    counts["num_shards"] = len(writer.shards)
+    counts["index"] = os.path.basename(writer.index_path)
+    return counts, texts
+
+
+def write_synthetic_dataset(
+    out_dir: str,
+    n_train: int = 2000,
+    n_val: int = 200,
+    image_size: int = 64,
+    shard_size: int = 500,
+    seed: int = 0,
+    *,
+    image_format: str = "jpg",
+    multi_image_fraction: float = 0.1,
+    text_only_fraction: float = 0.05,
+    vocab_size: int = 1024,
+) -> dict:
+    """Write the synthetic dataset, its tokenizer and `dataset_info.json` to `out_dir`.
+
+    Args:
+        out_dir: Output directory (created; existing files with the same names are replaced).
+        n_train: Training samples.
+        n_val: Held-out validation samples (drawn with different seeds than training).
+        image_size: Side of the (square) images; non-square ones are 3/4 of it on one side.
+        shard_size: Samples per shard.
+        seed: Base seed; the same arguments give byte-identical output.
+        image_format: `jpg` or `png`.
+        multi_image_fraction: Fraction of two-image samples.
+        text_only_fraction: Fraction of samples without images.
+        vocab_size: Upper bound of the tokenizer's vocabulary.
+
+    Returns:
+        The content written to `dataset_info.json`.
+    """
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format={image_format!r}; choose jpg or png")
+    if multi_image_fraction + text_only_fraction > 1:
+        raise ValueError("multi_image_fraction + text_only_fraction must be <= 1")
+    os.makedirs(out_dir, exist_ok=True)
+    kw = {
+        "image_size": image_size,
+        "multi_image_fraction": multi_image_fraction,
+        "text_only_fraction": text_only_fraction,
+    }
+    splits, corpus = {}, []
+    for split, n in (("train", n_train), ("val", n_val)):
+        splits[split], texts = _write_split(out_dir, split, n, seed, shard_size, image_format, **kw)
+        corpus.extend(texts)
+    corpus.extend(_template_texts() * 20)
+    vocab = train_tiny_tokenizer(corpus, os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size)
+    info = {
+        "format": "mm_megatron-synthetic-v1",
+        "seed": seed,
+        "image_size": image_size,
+        "image_format": image_format,
+        "splits": splits,
+        "tokenizer": {
+            "path": "tokenizer",
+            "vocab_size": vocab,
+            "special_tokens": {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS)},
+            "image_token": "<image>",
+        },
+        "labels": {
+            "colours": sorted(COLOURS),
+            "shapes": list(SHAPES),
+            "positions": sorted(POSITIONS),
+        },
+    }
+    with open(os.path.join(out_dir, "dataset_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: `mm-megatron data synth --out DIR [--n-train N ...]`."""
+    parser = argparse.ArgumentParser(
+        prog="mm-megatron data synth", description="Write the synthetic shapes dataset."
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--n-train", type=int, default=2000, help="training samples")
+    parser.add_argument("--n-val", type=int, default=200, help="validation samples")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
+    parser.add_argument("--seed", type=int, default=0, help="base seed")
+    parser.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    parser.add_argument("--multi-image-fraction", type=float, default=0.1)
+    parser.add_argument("--text-only-fraction", type=float, default=0.05)
+    parser.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocab bound")
+    args = parser.parse_args(argv)
+    info = write_synthetic_dataset(
+        args.out,
+        args.n_train,
+        args.n_val,
+        args.image_size,
+        args.shard_size,
+        args.seed,
+        image_format=args.image_format,
+        multi_image_fraction=args.multi_image_fraction,
+        text_only_fraction=args.text_only_fraction,
+        vocab_size=args.vocab_size,
+    )
+    for split, counts in info["splits"].items():
+        print(
+            f"{split}: {counts['num_samples']} samples in {counts['num_shards']} shards, "
+            f"{counts['num_images']} images, {counts['multi_image']} multi-image, "
+            f"{counts['text_only']} text-only -> {os.path.join(args.out, counts['index'])}"
+        )
+    tokenizer_dir = os.path.join(args.out, "tokenizer")
+    print(f"tokenizer: {tokenizer_dir} (vocab {info['tokenizer']['vocab_size']})")
+    return 0

@@ -1,0 +1,147 @@
+"""Layout parity harness: one training step of the same model and data under any layout.
+
+``run_layout(layout, full_weights, microbatches)`` runs, on every rank of a gloo world of
+``TP*PP*CP*DP`` processes: build the layout's model chunks (megatron DDP), load this rank's shards
+of the same full weights, one ``forward_backward`` over the global batch (split over DP ranks),
+gather the gradients back to full tensors, one Adam step (megatron optimizer; the distributed
+optimizer when asked), and gather the parameters. Rank 0 returns loss, grads and params.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mm_megatron.config import ParallelConfig, get_preset
+
+
+def tiny_config():
+    """debug-tiny with dimensions that split up to TP=4 and layers up to PP=4 (x2 virtual)."""
+    cfg = get_preset("debug-tiny")
+    cfg.lm.num_layers = 8
+    cfg.lm.num_attention_heads = 4
+    cfg.lm.num_query_groups = 4
+    cfg.lm.ffn_hidden_size = 128
+    cfg.vision.num_attention_heads = 4
+    cfg.vision.image_size = 32
+    cfg.vision.patch_size = 8  # 16 patches + class token
+    cfg.freeze_vision = False
+    return cfg
+
+
+def full_weights(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Single-rank reference weights (random, non-trivial norms and biases)."""
+    from mm_megatron.model.build import build_llava_model
+    from mm_megatron.runtime import distributed
+
+    distributed.initialize(ParallelConfig(), seed=seed)
+    try:
+        torch.manual_seed(seed)
+        model = build_llava_model(cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("layernorm.weight", "final_layernorm.weight")):
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                elif n.endswith(".bias"):
+                    p.copy_(0.02 * torch.randn_like(p))
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        distributed.destroy()
+
+
+def make_batches(cfg, seed: int = 0, packed: bool = False) -> list[dict]:
+    """Four samples: 2 images / text-only / 1 image / 3 images, varied lengths (mbs 1 each).
+
+    With ``packed``, two micro-batches each packing two samples into one row (THD).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v = cfg.vision
+    specs = [(10, 2), (7, 0), (12, 1), (9, 3)]
+    samples = []
+    for length, n in specs:
+        ids = torch.randint(10, cfg.lm.vocab_size, (length,), generator=gen)
+        if n:
+            ids[torch.randperm(length - 1, generator=gen)[:n] + 1] = cfg.image_token_id
+        labels = ids.clone()
+        labels[: length // 3] = -100
+        labels[ids == cfg.image_token_id] = -100
+        imgs = torch.randn(n, 3, v.image_size, v.image_size, generator=gen)
+        samples.append((ids, labels, imgs, n))
+    if not packed:
+        return [
+            dict(
+                images=imgs,
+                input_ids=ids[None],
+                labels=labels[None],
+                num_images=torch.tensor([n]),
+            )
+            for ids, labels, imgs, n in samples
+        ]
+    out = []
+    for a, b in ((0, 1), (2, 3)):
+        sa, sb = samples[a], samples[b]
+        out.append(
+            dict(
+                images=torch.cat([sa[2], sb[2]]),
+                input_ids=torch.cat([sa[0], sb[0]])[None],
+                labels=torch.cat([sa[1], sb[1]])[None],
+                num_images=torch.tensor([sa[3] + sb[3]]),
+                seq_lens=torch.tensor([[len(sa[0]), len(sb[0])]]),
+            )
+        )
+    return out
+
+
+def run_layout(rank, world_size, layout: dict, cfg, weights, batches, dist_opt: bool = False):
+    """Worker: one step under ``layout``; rank 0 returns loss, full grads and params."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from mm_megatron.model.build import build_model_chunks
+    from mm_megatron.parallel.resharding import gather_full, load_full_state_dict
+    from mm_megatron.parallel.schedule import forward_backward
+    from mm_megatron.runtime import distributed
+
+    par = ParallelConfig(**layout)
+    distributed.initialize(par, seed=1234)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    chunks = build_model_chunks(cfg, par, use_distributed_optimizer=dist_opt)
+    load_full_state_dict(chunks, weights, par.tp, tp_rank, pp_rank)
+    for c in chunks:
+        c.zero_grad_buffer()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per = len(batches) // dp
+    mine = batches[dp_rank * per : (dp_rank + 1) * per]
+    out = forward_backward(chunks, mine)
+    grads = gather_full(chunks, tp_rank=tp_rank, pp_rank=pp_rank, grads=True)
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-3,
+            adam_eps=1e-6,
+            weight_decay=0.0,
+            use_distributed_optimizer=dist_opt,
+        ),
+        chunks,
+    )
+    opt.step()
+    params = gather_full(chunks, tp_rank=tp_rank, pp_rank=pp_rank)
+    if rank == 0:
+        return dict(loss=out["loss"], tokens=out["tokens"], grads=grads, params=params)
+    return None
+
+
+def assert_parity(ref: dict, got: dict, rel: float = 1e-5, what: str = "") -> None:
+    """Loss, every gradient and every updated parameter within ``rel`` relative (norm-wise)."""
+    assert got["tokens"] == ref["tokens"], (what, got["tokens"], ref["tokens"])
+    assert abs(got["loss"] - ref["loss"]) <= rel * abs(ref["loss"]), (
+        what,
+        got["loss"],
+        ref["loss"],
+    )
+    for kind in ("grads", "params"):
+        assert set(got[kind]) == set(ref[kind]), (what, kind, set(got[kind]) ^ set(ref[kind]))
+        for name, r in ref[kind].items():
+            g = got[kind][name]
+            assert g.shape == r.shape, (what, kind, name, g.shape, r.shape)
+            err = (g - r).norm() / r.norm().clamp_min(1e-12)
+            assert err <= rel, f"{what}: {kind} {name} relative error {err:.2e} > {rel:g}"
