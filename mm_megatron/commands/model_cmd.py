@@ -24,20 +24,11 @@ def _summary(args: argparse.Namespace) -> int:
 
     cfg = get_preset(args.preset)
     par = ParallelConfig(tp=args.tp, pp=args.pp, first_stage_lm_layers=args.first_stage_lm_layers)
-    _check_tp(cfg, args.tp)
+    from mm_megatron.parallel.layout import validate_layout
+
+    validate_layout(cfg, par)
     print(format_summary(cfg, par, args.preset))
     return 0
-
-
-def _check_tp(cfg, tp: int) -> None:
-    checks = [
-        ("lm.num_attention_heads", cfg.lm.num_attention_heads),
-        ("lm.num_query_groups", cfg.lm.kv_groups),
-        ("vision.num_attention_heads", cfg.vision.num_attention_heads),
-    ]
-    for name, n in checks:
-        if n % tp:
-            raise ValueError(f"{name}={n} is not divisible by TP={tp}")
 
 
 def _presets(args: argparse.Namespace) -> int:

@@ -102,7 +102,11 @@ class LlavaModel(MegatronModule):
             self.vision_model = VisionEncoder(
                 vision_config,
                 cfg.vision,
-                block_spec(vit_layer_spec(cfg.vision.spec), cfg.vision.spec, vision_config),
+                block_spec(
+                    vit_layer_spec(cfg.vision.spec, padded=self._vit_padded(vision_config)),
+                    cfg.vision.spec,
+                    vision_config,
+                ),
                 pg_collection,
             )
             self.vision_projection = build_projector(
@@ -117,6 +121,10 @@ class LlavaModel(MegatronModule):
             cp_group=pg_collection.cp if lm_config.context_parallel_size > 1 else None,
             tp_group=pg_collection.tp if self.sequence_parallel else None,
         )
+
+    def _vit_padded(self, vision_config: TransformerConfig) -> bool:
+        tp = vision_config.tensor_model_parallel_size
+        return vision_config.sequence_parallel and self.cfg.vision.num_positions % tp != 0
 
     # megatron's schedules and DDP call these ------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:

@@ -24,6 +24,9 @@ class LocalNorm(torch.nn.Module):
             ``params_dtype``).
         hidden_size: normalised width.
         eps: epsilon.
+        sequence_parallel: whether this norm runs inside the SP region (its input is a sequence
+            shard); default ``config.sequence_parallel``. Norms outside it (e.g. the ViT pre-LN)
+            pass False.
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class LocalNorm(torch.nn.Module):
         persist_layer_norm: bool = False,  # accepted for spec compatibility; unused
         zero_centered_gamma: bool = False,
         normalization: str | None = None,
+        sequence_parallel: bool | None = None,
         **unused,
     ):
         super().__init__()
@@ -50,9 +54,10 @@ class LocalNorm(torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        sp = config.sequence_parallel if sequence_parallel is None else sequence_parallel
         for p in self.parameters():
             # NOTE: finalize_model_grads all-reduces grads of these over TP when SP is on.
-            p.sequence_parallel = config.sequence_parallel
+            p.sequence_parallel = sp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [s, b, h] -> [s, b, h]

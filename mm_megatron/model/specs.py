@@ -132,13 +132,20 @@ def lm_layer_spec(spec: str) -> ModuleSpec:
     raise ValueError(f"unknown lm spec {spec!r} (local|te)")
 
 
-def vit_layer_spec(spec: str) -> ModuleSpec:
-    """Encoder layer of the vision transformer (bidirectional attention)."""
+def vit_layer_spec(spec: str, padded: bool = False) -> ModuleSpec:
+    """Encoder layer of the vision transformer (bidirectional attention).
+
+    Args:
+        spec: local or te.
+        padded: the sequence carries padding keys to mask (sequence parallel pads the ViT's
+            sequence to a multiple of TP), so attention takes a padding mask.
+    """
+    mask = AttnMaskType.padding if padded else AttnMaskType.no_mask
     if spec == "te":
         _require_te("vision")
-        return _te_layer(AttnMaskType.no_mask)
+        return _te_layer(mask)
     if spec == "local":
-        return _local_layer(AttnMaskType.no_mask)
+        return _local_layer(mask)
     raise ValueError(f"unknown vision spec {spec!r} (local|te)")
 
 

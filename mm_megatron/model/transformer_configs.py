@@ -79,14 +79,15 @@ def lm_transformer_config(
 def vision_transformer_config(
     cfg: LlavaConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32
 ) -> TransformerConfig:
-    """Config of the ViT. It is never pipelined (it lives on the first stage) and never CP-split."""
+    """Config of the ViT: never pipelined (it lives on the first stage), never CP-split; TP and SP
+    follow the LM."""
     v: VisionConfig = cfg.vision
-    vpar = ParallelConfig(tp=par.tp, pp=1, cp=1, sequence_parallel=False)
+    vpar = ParallelConfig(tp=par.tp, pp=1, cp=1, sequence_parallel=par.sequence_parallel)
     common = _common(vpar, dtype, cfg.init_method_std)
     return TransformerConfig(
         **common,
         pipeline_model_parallel_size=1,
-        sequence_parallel=False,
+        sequence_parallel=par.sequence_parallel,
         num_layers=v.num_layers_built,
         hidden_size=v.hidden_size,
         ffn_hidden_size=v.ffn_hidden_size,

@@ -15,6 +15,7 @@ This module computes; it never looks up process groups itself (they arrive in ``
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -61,8 +62,11 @@ class VisionEncoder(MegatronModule):
         self.position_embeddings = torch.nn.Embedding(
             vcfg.num_positions, h, dtype=config.params_dtype
         )
+        # Pre/post-LN run on the full sequence, outside the sequence-parallel region.
         self.pre_layernorm = (
-            LocalNorm(config, h, eps=vcfg.layernorm_eps) if vcfg.style == "clip" else None
+            LocalNorm(config, h, eps=vcfg.layernorm_eps, sequence_parallel=False)
+            if vcfg.style == "clip"
+            else None
         )
         self.decoder = TransformerBlock(
             config=config,
@@ -72,8 +76,13 @@ class VisionEncoder(MegatronModule):
             pg_collection=pg_collection,
         )
         self.post_layernorm = (
-            LocalNorm(config, h, eps=vcfg.layernorm_eps) if vcfg.apply_post_layernorm else None
+            LocalNorm(config, h, eps=vcfg.layernorm_eps, sequence_parallel=False)
+            if vcfg.apply_post_layernorm
+            else None
         )
+        self.tp_group = pg_collection.tp
+        self.sequence_parallel = config.sequence_parallel
+        self.tp_size = config.tensor_model_parallel_size
         self._init_embeddings(config.init_method_std)
 
     def _init_embeddings(self, std: float) -> None:
@@ -89,6 +98,27 @@ class VisionEncoder(MegatronModule):
         """The ViT is never pipelined; megatron's schedules may still call this."""
         return None
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Transformer layers; under sequence parallel, pad to a multiple of TP, scatter, mask the
+        padding keys, and gather back."""
+        if not self.sequence_parallel or self.tp_size == 1:
+            return self.decoder(hidden_states=x, attention_mask=None)
+        s = x.shape[0]
+        pad = -s % self.tp_size
+        mask = None
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])  # [s + pad, N, h]
+            # megatron convention: True = masked out; [1, 1, 1, s + pad] over keys
+            mask = torch.zeros(1, 1, 1, s + pad, dtype=torch.bool, device=x.device)
+            mask[..., s:] = True
+        x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
+        x = self.decoder(hidden_states=x, attention_mask=mask)  # [(s + pad) / tp, N, h]
+        # Every TP rank continues with the full (identical) sequence: backward takes the slice.
+        x = tensor_parallel.gather_from_sequence_parallel_region(
+            x, tensor_parallel_output_grad=False, group=self.tp_group
+        )
+        return x[:s]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
         x = self.conv1(images.to(self.conv1.weight.dtype))  # [N, h, g, g]
@@ -99,7 +129,7 @@ class VisionEncoder(MegatronModule):
         if self.pre_layernorm is not None:
             x = self.pre_layernorm(x)
         x = x.transpose(0, 1).contiguous()  # [s, N, h]
-        x = self.decoder(hidden_states=x, attention_mask=None)  # [s, N, h]
+        x = self._encode(x)  # [s, N, h]
         if self.post_layernorm is not None:
             x = self.post_layernorm(x)
         x = x.transpose(0, 1)  # [N, s, h]

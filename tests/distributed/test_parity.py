@@ -1,14 +1,22 @@
 """Layout parity on CPU gloo: every layout gives the single-rank loss, gradients and step.
 
-The default suite runs a fast subset; ``--full-matrix`` runs TP, PP, CP in {1, 2, 4} with
-TP*PP*CP <= 8, SP on/off where TP > 1, DP = 2 for a few, plus packed (THD) batches:
+Each case starts from the same full weights, runs one forward/backward over the same global
+batch (multi-image, text-only and varied-length samples; or packed THD rows) and one Adam step,
+then compares the loss, every gathered gradient and every updated parameter with the single-rank
+run (relative error <= 1e-5, norm-wise per tensor).
+
+The default suite runs a fast subset; the full matrix (TP, PP, CP in {1, 2, 4} with
+TP*PP*CP <= 8, SP on/off where TP > 1, DP = 2 for a few, virtual and uneven pipelines, packed):
 
     .venv/bin/python -m pytest -q tests/distributed/test_parity.py --full-matrix
+
+Cases of one world size share one spawned world (see ``parity.run_layouts``).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 
 import pytest
 
@@ -17,51 +25,25 @@ from tests.distributed.parity import (
     assert_parity,
     full_weights,
     make_batches,
-    run_layout,
+    run_layouts,
     tiny_config,
+    world_of,
 )
 
 pytestmark = pytest.mark.distributed
 
-
-@pytest.fixture(scope="module")
-def setup():
-    cfg = tiny_config()
-    weights = run_distributed(_weights, 1, cfg)[0]
-    batches = make_batches(cfg)
-    packed = make_batches(cfg, packed=True)
-    ref = run_distributed(run_layout, 1, {}, cfg, weights, batches)[0]
-    ref_packed = run_distributed(run_layout, 1, {}, cfg, weights, packed)[0]
-    return cfg, weights, {False: (batches, ref), True: (packed, ref_packed)}
-
-
-def _weights(rank, world, cfg):
-    return full_weights(cfg)
-
-
-def _check(setup, layout, dp=1, packed=False, dist_opt=False):
-    cfg, weights, data = setup
-    batches, ref = data[packed]
-    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1) * dp
-    got = run_distributed(run_layout, world, layout, cfg, weights, batches, dist_opt)[0]
-    assert_parity(ref, got, what=f"{layout} dp={dp} packed={packed}")
-
-
+# (layout, dp, packed, distributed optimizer)
 FAST = [
-    (dict(tp=2), 1, False),
-    (dict(tp=2, sequence_parallel=True), 1, False),
-    (dict(pp=2), 1, False),
-    (dict(cp=2), 1, False),
-    (dict(tp=2, pp=2), 1, False),
-    (dict(tp=2, cp=2, sequence_parallel=True), 1, False),
-    (dict(), 2, False),
-    (dict(cp=2), 1, True),
+    (dict(tp=2), 1, False, False),
+    (dict(tp=2, sequence_parallel=True), 1, False, False),
+    (dict(pp=2), 1, False, False),
+    (dict(cp=2), 1, False, False),
+    (dict(), 2, False, False),
+    (dict(), 2, False, True),
+    (dict(cp=2), 1, True, False),
+    (dict(tp=2, pp=2), 1, False, False),
+    (dict(tp=2, cp=2, sequence_parallel=True), 1, False, False),
 ]
-
-
-@pytest.mark.parametrize("layout,dp,packed", FAST, ids=lambda x: str(x))
-def test_parity_fast(setup, layout, dp, packed):
-    _check(setup, layout, dp, packed)
 
 
 def _full_matrix():
@@ -70,26 +52,106 @@ def _full_matrix():
         if tp * pp * cp > 8 or tp * pp * cp == 1:
             continue
         for sp in (False, True) if tp > 1 else (False,):
-            layout = dict(tp=tp, pp=pp, cp=cp, sequence_parallel=sp)
-            out.append((layout, 1, False))
+            out.append((dict(tp=tp, pp=pp, cp=cp, sequence_parallel=sp), 1, False, False))
     out += [
-        (dict(tp=2), 2, False),
-        (dict(pp=2), 2, False),
-        (dict(cp=2), 2, False),
-        (dict(pp=2, virtual_pp=2), 1, False),
-        (dict(pp=2, first_stage_lm_layers=2), 1, False),
-        (dict(tp=2, cp=2, sequence_parallel=True), 1, True),
-        (dict(pp=2, cp=2), 1, True),
+        (dict(tp=2), 2, False, False),
+        (dict(pp=2), 2, False, True),
+        (dict(cp=2), 2, False, False),
+        (dict(tp=2, sequence_parallel=True), 2, False, True),
+        (dict(pp=2, virtual_pp=2), 1, False, False),
+        (dict(pp=4, virtual_pp=2), 1, False, False),
+        (dict(pp=2, first_stage_lm_layers=2), 1, False, False),
+        (dict(tp=2, pp=2, first_stage_lm_layers=3, sequence_parallel=True), 1, False, False),
+        (dict(tp=2), 1, True, False),
+        (dict(tp=2, cp=2, sequence_parallel=True), 1, True, False),
+        (dict(pp=2, cp=2), 1, True, False),
+        (dict(cp=4), 1, True, False),
     ]
     return out
 
 
+def _id(case):
+    layout, dp, packed, dist_opt = case
+    parts = [f"{k}{'' if v is True else v}" for k, v in layout.items() if v not in (False, None)]
+    parts.append(f"dp{dp}")
+    if packed:
+        parts.append("thd")
+    if dist_opt:
+        parts.append("distopt")
+    return "-".join(p.replace("sequence_parallel", "sp") for p in parts)
+
+
+def _weights(rank, world, cfg):
+    return full_weights(cfg)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config()
+    weights = run_distributed(_weights, 1, cfg)[0]
+    data = {False: make_batches(cfg), True: make_batches(cfg, packed=True)}
+    refs = run_distributed(
+        run_layouts, 1, [({}, False, False), ({}, True, False)], cfg, weights, data
+    )[0]
+    return cfg, weights, data, {False: refs[0], True: refs[1]}
+
+
+def _run_cases(setup, cases):
+    """Run ``cases`` grouped by world size; returns {case id: result}."""
+    cfg, weights, data, _ = setup
+    groups = defaultdict(list)
+    for case in cases:
+        layout, dp, packed, dist_opt = case
+        groups[world_of(layout, dp)].append(case)
+    results = {}
+    for world, group in sorted(groups.items()):
+        jobs = [(layout, packed, dist_opt) for layout, _, packed, dist_opt in group]
+        got = run_distributed(run_layouts, world, jobs, cfg, weights, data)[0]
+        results.update({_id(c): r for c, r in zip(group, got)})
+    return results
+
+
+@pytest.fixture(scope="module")
+def fast_results(setup):
+    return _run_cases(setup, FAST)
+
+
+@pytest.mark.parametrize("case", FAST, ids=_id)
+def test_parity_fast(setup, fast_results, case):
+    ref = setup[3][case[2]]
+    assert_parity(ref, fast_results[_id(case)], what=_id(case))
+
+
+@pytest.fixture(scope="module")
+def full_results(setup):
+    return _run_cases(setup, _full_matrix())
+
+
 @pytest.mark.full_matrix
-@pytest.mark.parametrize("layout,dp,packed", _full_matrix(), ids=lambda x: str(x))
-def test_parity_full_matrix(setup, layout, dp, packed):
-    _check(setup, layout, dp, packed)
+@pytest.mark.parametrize("case", _full_matrix(), ids=_id)
+def test_parity_full_matrix(setup, full_results, case):
+    ref = setup[3][case[2]]
+    assert_parity(ref, full_results[_id(case)], what=_id(case))
 
 
-@pytest.mark.parametrize("dist_opt", [True])
-def test_parity_dp2_distributed_optimizer(setup, dist_opt):
-    _check(setup, dict(), dp=2, dist_opt=dist_opt)
+def test_layout_error_is_one_line():
+    """A bad layout fails up front with a one-line message, not a traceback from megatron."""
+    from mm_megatron.config import ParallelConfig
+    from mm_megatron.parallel.layout import LayoutError, validate_layout
+
+    cfg = tiny_config()
+    cases = [
+        (ParallelConfig(tp=3), 6, "lm.num_attention_heads=4 is not divisible by TP=3"),
+        (ParallelConfig(tp=2, pp=2), 6, "world size 6 is not divisible by TP*PP*CP"),
+        (ParallelConfig(pp=3), 3, "lm.num_layers=8 is not divisible by PP=3"),
+        (ParallelConfig(sequence_parallel=True), 1, "--sequence-parallel needs TP > 1"),
+    ]
+    for par, world, msg in cases:
+        with pytest.raises(LayoutError, match=msg.replace("*", "\\*")) as e:
+            validate_layout(cfg, par, world)
+        assert "\n" not in str(e.value)
+    cfg.vision.num_attention_heads = 25  # InternViT-6B's 25 heads
+    with pytest.raises(LayoutError, match="vision.num_attention_heads=25 is not divisible"):
+        validate_layout(cfg, ParallelConfig(tp=2), 2)
+    with pytest.raises(LayoutError, match="shorter than 2\\*CP=8"):
+        validate_layout(tiny_config(), ParallelConfig(cp=4), 4, seq_len=7)

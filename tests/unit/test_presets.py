@@ -88,4 +88,4 @@ def test_cli_summary_and_bad_preset():
     assert bad.returncode == 2
     assert "unknown preset 'nope'" in bad.stderr and "Traceback" not in bad.stderr
     tp = run_cli("model", "summary", "--preset", "ref-1.4b", "--tp", "3")
-    assert tp.returncode == 2 and "not divisible by TP=3" in tp.stderr
+    assert tp.returncode == 2 and "lm.num_attention_heads=32 is not divisible by TP=3" in tp.stderr
