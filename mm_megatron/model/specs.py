@@ -58,33 +58,53 @@ def _require_te(what: str) -> None:
         )
 
 
-def _local_layer(mask: AttnMaskType) -> ModuleSpec:
+def _layer(
+    mask: AttnMaskType,
+    *,
+    norm: type,
+    qkv: type,
+    core: type,
+    proj: type,
+    fc1: type,
+    fc2: type,
+    keys_map: dict[str, str] | None = None,
+) -> ModuleSpec:
+    """A pre-norm transformer layer; ``norm`` is IdentityOp when fused into ``qkv``/``fc1``."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=LocalNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=SDPAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=qkv,
+                    core_attention=core,
+                    linear_proj=proj,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=LocalNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
-            ),
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
             mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=dict(_TE_NORM_NAMES),
+            sharded_state_dict_keys_map=keys_map or {},
         ),
+    )
+
+
+def _local_layer(mask: AttnMaskType) -> ModuleSpec:
+    col, row = ColumnParallelLinear, RowParallelLinear
+    return _layer(
+        mask,
+        norm=LocalNorm,
+        qkv=col,
+        core=SDPAttention,
+        proj=row,
+        fc1=col,
+        fc2=row,
+        keys_map=dict(_TE_NORM_NAMES),
     )
 
 
@@ -95,30 +115,15 @@ def _te_layer(mask: AttnMaskType) -> ModuleSpec:
         TERowParallelLinear,
     )
 
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": mask},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=TEDotProductAttention,
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
-                ),
-            ),
-            mlp_bda=get_bias_dropout_add,
-        ),
+    fused, row = TELayerNormColumnParallelLinear, TERowParallelLinear
+    return _layer(
+        mask,
+        norm=IdentityOp,
+        qkv=fused,
+        core=TEDotProductAttention,
+        proj=row,
+        fc1=fused,
+        fc2=row,
     )
 
 

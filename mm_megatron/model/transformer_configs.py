@@ -41,6 +41,11 @@ def _common(par: ParallelConfig, dtype: torch.dtype, init_std: float) -> dict[st
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # NOTE: gloo matches point-to-point messages by (peer, tag) in posting order; a batched
+        # isend/irecv of an activation and a gradient between the same two ranks can then cross
+        # (equal shapes under the interleaved schedule). megatron's unbatched path orders the
+        # sends and receives of both peers consistently. NCCL keeps the batched path.
+        batch_p2p_comm=not on_cpu,
     )
 
 

@@ -1,7 +1,9 @@
 """One training/eval step over micro-batches with megatron-core's pipeline schedules.
 
 ``forward_backward(chunks, microbatches)`` picks megatron's schedule for the layout (no
-pipelining, 1F1B, or interleaved for virtual stages), feeds every stage the same micro-batches
+pipelining, 1F1B, or interleaved for virtual stages; 1F1B exchanges each micro-batch's own
+shape, interleaved runs pad all micro-batches to one length), feeds every stage the same
+micro-batches
 (each stage recomputes the cheap merge plan; only the first embeds and encodes images), and
 returns the token-weighted mean loss over the whole global batch (all micro-batches, DP and CP
 ranks) on every rank.
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_model_config
+from megatron.core.utils import get_attr_wrapped_model
 
 
 def loss_func(output: tuple[torch.Tensor, torch.Tensor]):
@@ -34,6 +36,28 @@ def forward_step(data_iterator, model):
     """megatron forward_step_func: run one micro-batch, hand back the loss function."""
     batch = next(data_iterator)
     return model(**batch), loss_func
+
+
+def _common_length(chunk, microbatches: list[dict]) -> tuple[list[dict], int]:
+    """Pad every micro-batch to one length for the interleaved schedule.
+
+    NOTE: megatron's interleaved schedule ignores ``variable_seq_lengths`` and receives
+    activations into buffers of ``[seq_length / CP / (TP if SP), mbs, h]`` from the
+    ``seq_length`` argument, so every micro-batch must have exactly that (padded, expanded)
+    length. Padding sits after every real token with loss mask 0: the loss is unchanged.
+
+    Returns:
+        (micro-batches with ``min_seq_len`` set, the common padded length)
+    """
+    if any("seq_lens" in mb for mb in microbatches):
+        raise ValueError(
+            "packed (THD) micro-batches are not supported with virtual pipeline stages"
+        )
+    plan = get_attr_wrapped_model(chunk, "plan")
+    factor = get_attr_wrapped_model(chunk, "padder").factor
+    longest = max(plan(mb["input_ids"]).seq_len for mb in microbatches)
+    padded = -(-longest // factor) * factor
+    return [dict(mb, min_seq_len=padded) for mb in microbatches], padded
 
 
 def forward_backward(
@@ -53,20 +77,21 @@ def forward_backward(
         ``{"loss": mean loss over all real tokens of the global batch, "tokens": count}``,
         identical on every rank.
     """
-    config = get_model_config(chunks[0])
+    first = microbatches[0]["input_ids"]
+    seq_length = first.shape[1]  # unused by the no-pipelining and 1F1B (variable-length) paths
+    if len(chunks) > 1:
+        microbatches, seq_length = _common_length(chunks[0], microbatches)
     fb = get_forward_backward_func()
     iterators = [iter(microbatches) for _ in chunks]
-    first = microbatches[0]["input_ids"]
     results = fb(
         forward_step_func=forward_step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(microbatches),
-        seq_length=first.shape[1],
+        seq_length=seq_length,
         micro_batch_size=first.shape[0],
         forward_only=forward_only,
     )
-    del config
     totals = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for r in results:
