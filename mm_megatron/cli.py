@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "model": "mm_megatron.commands.model_cmd",
     "data": "mm_megatron.commands.data_cmd",
+    "convert": "mm_megatron.commands.convert_cmd",
 }
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:  # LayoutError is a ValueError
         # Bad input: one clear line, no traceback (set MM_MEGATRON_DEBUG=1 for one).
         import os
 

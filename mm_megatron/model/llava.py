@@ -236,17 +236,29 @@ class LlavaModel(MegatronModule):
         di = self.prepare_decoder_inputs(
             images, input_ids, labels, num_images, seq_lens, min_seq_len
         )
+        padded = self.padded_vocab_size != self.cfg.lm.vocab_size
         out = self.language_model(
             input_ids=None,
             position_ids=None,
             attention_mask=None,
             decoder_input=di.embeddings,
-            labels=di.labels if self.post_process else None,
+            labels=di.labels if self.post_process and not padded else None,
             packed_seq_params=di.packed_seq_params,
-            runtime_gather_output=None if di.labels is not None else True,
+            runtime_gather_output=False if di.labels is not None else True,
         )
         if not self.post_process:
             return out  # hidden states for the next stage
-        if di.labels is not None:
-            return out, di.loss_mask  # per-token loss [b, s_local], mask [b, s_local]
-        return out[..., : self.cfg.lm.vocab_size]  # [b, s_local, vocab]
+        if di.labels is None:
+            return out[..., : self.cfg.lm.vocab_size]  # [b, s_local, vocab]
+        if padded:
+            # NOTE: megatron's vocab padding must not take part in the softmax (HF's loss, and
+            # a loss independent of TP): mask the padded columns, then the vocab-parallel CE.
+            logits = out.transpose(0, 1)  # [b, s, v/tp] -> [s, b, v/tp]
+            v_local = logits.shape[-1]
+            start = _group_rank(self.pg_collection, "tp") * v_local
+            col = torch.arange(start, start + v_local, device=logits.device)
+            logits = logits.masked_fill(
+                col >= self.cfg.lm.vocab_size, torch.finfo(logits.dtype).min
+            )
+            out = self.language_model.compute_language_model_loss(di.labels, logits)
+        return out, di.loss_mask  # per-token loss [b, s_local], mask [b, s_local]

@@ -145,3 +145,23 @@ def test_debug_tiny_learns_a_fixed_batch(tiny):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_loss_ignores_vocab_padding(single_rank):
+    """megatron pads the vocab (500 -> 512); the padded rows must not enter the softmax."""
+    cfg = get_preset("debug-tiny")
+    cfg.lm.vocab_size = 500
+    model = build_llava_model(cfg)
+    model.eval()
+    assert model.padded_vocab_size == 512
+    b = batch(cfg)
+    with torch.no_grad():
+        loss, mask = model(**b)
+        logits = model(**{k: v for k, v in b.items() if k != "labels"})
+    assert logits.shape[-1] == 500
+    from mm_megatron.model.merge import shift_labels
+
+    targets, ref_mask = shift_labels(model.plan(b["input_ids"], b["labels"]).labels)
+    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    torch.testing.assert_close(mask, ref_mask)
+    torch.testing.assert_close(loss * mask, ref * ref_mask, rtol=1e-5, atol=1e-5)

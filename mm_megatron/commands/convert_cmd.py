@@ -1,0 +1,164 @@
+"""``mm-megatron convert hf-to-mcore|mcore-to-hf|verify`` (library: ``mm_megatron.convert``).
+
+Examples::
+
+    mm-megatron convert hf-to-mcore --hf llava-1.5-7b-hf --out ckpt/llava7b --dtype bf16
+    mm-megatron convert mcore-to-hf --ckpt ckpt/llava7b --out llava7b-hf
+    mm-megatron convert verify --hf llava-1.5-7b-hf --ckpt ckpt/llava7b --tp 2 --pp 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_EPILOG = (
+    "There is no 'reshard' command: checkpoints are megatron-core dist checkpoints, which load "
+    "at any TP x PP layout (megatron reshards on load, vocab padding included)."
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints between HuggingFace LLaVA and mm_megatron (megatron-core)",
+        description="Convert checkpoints between HuggingFace LLaVA and mm_megatron.",
+        epilog=_EPILOG,
+    )
+    csub = p.add_subparsers(dest="convert_command", required=True)
+
+    a = csub.add_parser(
+        "hf-to-mcore",
+        help="HF LlavaForConditionalGeneration dir -> mm_megatron checkpoint dir",
+        epilog=_EPILOG,
+    )
+    a.add_argument("--hf", required=True, help="HF checkpoint dir (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint dir")
+    a.add_argument(
+        "--spec",
+        choices=["local", "te"],
+        default="local",
+        help="spec recorded for training (weights are spec-independent; default local)",
+    )
+    a.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32", "fp16"],
+        default=None,
+        help="storage dtype (default: the HF tensors' dtype, which keeps round trips exact)",
+    )
+    a.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=64,
+        metavar="N",
+        help="megatron pads the vocab to a multiple of this x TP (default 64)",
+    )
+    a.add_argument("--force", action="store_true", help="replace an existing --out")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_hf_to_mcore)
+
+    b = csub.add_parser(
+        "mcore-to-hf", help="mm_megatron checkpoint dir -> HF LLaVA dir", epilog=_EPILOG
+    )
+    b.add_argument("--ckpt", required=True, help="mm_megatron checkpoint dir")
+    b.add_argument("--out", required=True, help="output HF dir")
+    b.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32", "fp16"],
+        default=None,
+        help="output dtype (default: each tensor's dtype in the HF original)",
+    )
+    b.add_argument("--iteration", default=None, help="'release' or a number (default: the latest)")
+    b.add_argument("--force", action="store_true", help="replace an existing --out")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_mcore_to_hf)
+
+    c = csub.add_parser(
+        "verify",
+        help="check a checkpoint against its HF original: config, weights, logits parity",
+        epilog="Exit status 0 when every check passes, 1 otherwise.",
+    )
+    c.add_argument("--hf", required=True, help="HF checkpoint dir")
+    c.add_argument("--ckpt", required=True, help="mm_megatron checkpoint dir")
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the logits check")
+    c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for the logits check")
+    c.add_argument(
+        "--atol", type=float, default=1e-3, help="max |logit difference| allowed (default 1e-3)"
+    )
+    c.add_argument(
+        "--no-logits",
+        action="store_true",
+        help="skip the logits check (it holds two fp32 copies of the model in memory)",
+    )
+    c.set_defaults(func=_verify)
+
+
+def _iteration(value: str | None):
+    if value is None or value == "release":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--iteration must be 'release' or a number, got {value!r}") from None
+
+
+def _quiet_imports() -> None:
+    """Keep the terminal to our progress bar and result (megatron/torch notices are not errors)."""
+    import logging
+    import warnings
+
+    for msg in (
+        ".*Transformer Engine and Apex are not installed.*",
+        ".*Apex is not installed.*",
+        ".*torch.distributed is disabled, unavailable or uninitialized.*",
+        ".*deprecating ShardedTensor.*",
+        ".*full scope is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=msg)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def _hf_to_mcore(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from mm_megatron.convert.hf_to_mcore import hf_to_mcore
+
+    out = hf_to_mcore(
+        args.hf,
+        args.out,
+        spec=args.spec,
+        dtype=args.dtype,
+        force=args.force,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        progress=not args.quiet,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _mcore_to_hf(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from mm_megatron.convert.mcore_to_hf import mcore_to_hf
+
+    out = mcore_to_hf(
+        args.ckpt,
+        args.out,
+        dtype=args.dtype,
+        force=args.force,
+        iteration=_iteration(args.iteration),
+        progress=not args.quiet,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from mm_megatron.convert.verify import format_table, verify
+
+    for name in ("tp", "pp"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    checks = verify(
+        args.hf, args.ckpt, tp=args.tp, pp=args.pp, atol=args.atol, logits=not args.no_logits
+    )
+    print(format_table(checks))
+    return 0 if all(c.ok for c in checks) else 1

@@ -1,0 +1,107 @@
+"""HF LLaVA key spellings: detect the one a checkpoint uses and translate to/from a canonical form.
+
+Checkpoints of ``LlavaForConditionalGeneration`` come in two top-level spellings and, for the
+vision tower, with or without a ``vision_model.`` level:
+
+==================  ====================================  ======================================
+part                legacy (what save_pretrained writes)  new (in-memory since transformers 4.52)
+==================  ====================================  ======================================
+language model      ``language_model.model.X``            ``model.language_model.X``
+LM head             ``language_model.lm_head.X``          ``lm_head.X``
+vision tower        ``vision_tower[.vision_model].X``     ``model.vision_tower[.vision_model].X``
+projector           ``multi_modal_projector.X``           ``model.multi_modal_projector.X``
+==================  ====================================  ======================================
+
+llava-hf's published checkpoints use legacy + ``vision_model``; transformers 5.23's
+``save_pretrained`` of a freshly built model writes legacy *without* ``vision_model`` (it drops
+the level in memory and only restores it for models it loaded with it). The converter works on
+the canonical form (new spelling, no ``vision_model``) and remembers the input's spelling so an
+export reproduces the input key set exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from mm_megatron.convert.errors import ConversionError
+
+# canonical prefix -> legacy prefix (vision handled separately for the vision_model level)
+_LEGACY = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.vision_tower.", "vision_tower."),
+)
+_VISION = "model.vision_tower."
+
+
+@dataclass(frozen=True)
+class KeySpelling:
+    """How a checkpoint spells its keys."""
+
+    prefix: str = "legacy"
+    """``legacy`` (``language_model.model.*``, ``vision_tower.*``) or ``model``
+    (``model.language_model.*``, ``model.vision_tower.*``)."""
+    vision_model_level: bool = False
+    """Vision keys carry ``vision_model.`` after the tower prefix (llava-hf's published files)."""
+
+    def to_dict(self) -> dict:
+        """JSON form (stored in the mcore checkpoint's run config)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> KeySpelling:
+        """Inverse of :meth:`to_dict` (None -> what transformers 5.23 save_pretrained writes)."""
+        return cls(**d) if d else cls()
+
+    def to_file(self, canonical: str) -> str:
+        """Canonical key -> this spelling."""
+        key = canonical
+        if self.vision_model_level and key.startswith(_VISION):
+            key = _VISION + "vision_model." + key[len(_VISION) :]
+        if self.prefix == "legacy":
+            for new, old in _LEGACY:
+                if key.startswith(new):
+                    return old + key[len(new) :]
+        return key
+
+    def to_canonical(self, key: str) -> str:
+        """This spelling -> canonical key (keys outside the four parts are returned unchanged)."""
+        if self.prefix == "legacy":
+            for new, old in _LEGACY:
+                if key.startswith(old):
+                    key = new + key[len(old) :]
+                    break
+        if self.vision_model_level and key.startswith(_VISION + "vision_model."):
+            key = _VISION + key[len(_VISION) + len("vision_model.") :]
+        return key
+
+
+def detect_spelling(keys: Iterable[str], where: str = "checkpoint") -> KeySpelling:
+    """The spelling of a key set; ConversionError if it mixes spellings or matches none."""
+    keys = list(keys)
+    new = [k for k in keys if k.startswith(("model.", "lm_head."))]
+    old = [
+        k
+        for k in keys
+        if k.startswith(("language_model.", "vision_tower.", "multi_modal_projector."))
+    ]
+    if new and old:
+        raise ConversionError(
+            f"{where} mixes key spellings: {new[0]!r} (new) and {old[0]!r} (legacy)"
+        )
+    if not new and not old:
+        sample = keys[0] if keys else "<no tensors>"
+        raise ConversionError(
+            f"{where} does not look like a LlavaForConditionalGeneration checkpoint: no "
+            f"language_model/vision_tower/multi_modal_projector keys (first key {sample!r})"
+        )
+    prefix = "model" if new else "legacy"
+    tower = "model.vision_tower." if new else "vision_tower."
+    vis = [k for k in keys if k.startswith(tower)]
+    with_level = [k for k in vis if k.startswith(tower + "vision_model.")]
+    if with_level and len(with_level) != len(vis):
+        odd = next(k for k in vis if not k.startswith(tower + "vision_model."))
+        raise ConversionError(f"{where} mixes vision key spellings: {with_level[0]!r} and {odd!r}")
+    return KeySpelling(prefix=prefix, vision_model_level=bool(with_level))
