@@ -244,7 +244,7 @@ class LlavaModel(MegatronModule):
             decoder_input=di.embeddings,
             labels=di.labels if self.post_process and not padded else None,
             packed_seq_params=di.packed_seq_params,
-            runtime_gather_output=False if di.labels is not None else True,
+            runtime_gather_output=di.labels is None,
         )
         if not self.post_process:
             return out  # hidden states for the next stage
