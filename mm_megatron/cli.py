@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "model": "mm_megatron.commands.model_cmd",
     "data": "mm_megatron.commands.data_cmd",
+    "train": "mm_megatron.commands.train_cmd",
     "convert": "mm_megatron.commands.convert_cmd",
 }
 

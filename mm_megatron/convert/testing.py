@@ -106,7 +106,7 @@ def tiny_hf_model(variant: str = "llama", seed: int = 0):
 
 def tiny_processor(hf_cfg):
     """A ``LlavaProcessor`` (WordLevel tokenizer + CLIP image processor) matching ``hf_cfg``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
     try:
@@ -114,12 +114,21 @@ def tiny_processor(hf_cfg):
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as ImageProcessor
 
+    from mm_megatron.data.synthetic import vocabulary_words
+
     vocab_size = hf_cfg.text_config.vocab_size
     image_token = hf_cfg.image_token_index
     specials = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<pad>", image_token: "<image>"}
-    vocab = {specials.get(i, f"w{i}"): i for i in range(vocab_size)}
+    # the top ids spell the synthetic dataset's words, so `mm-megatron train` on the generated
+    # data with this tokenizer sees no unknown tokens; the rest are placeholder words w<id>
+    words = vocabulary_words()
+    first_word = vocab_size - len(words)
+    assert first_word > max(specials), "tiny vocabulary too small for the synthetic words"
+    vocab = {specials.get(i, f"w{i}"): i for i in range(first_word)}
+    vocab.update({w: first_word + i for i, w in enumerate(words)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",

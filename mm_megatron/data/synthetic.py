@@ -34,6 +34,7 @@ import io
 import json
 import os
 import random
+import re
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -95,6 +96,34 @@ QUESTIONS = {
     "position": "Where is the shape?",
 }
 """VQA question per attribute."""
+
+SAME_COLOUR_QUESTION = "Do the two shapes have the same colour?"
+SECOND_SHAPE_QUESTION = "What shape is in the second image?"
+OPPOSITE_QUESTION = "What is the opposite of {}?"
+MIX_QUESTION = "Which colour do you get by mixing {} and {}?"
+"""Fixed questions of the two-image and text-only samples."""
+
+
+def vocabulary_words() -> list[str]:
+    """Every lower-cased word and punctuation mark the samples' texts use (sorted).
+
+    A word-level tokenizer holding these (e.g. the tiny HF test checkpoint's) tokenizes the
+    dataset without unknown tokens.
+    """
+    texts = [
+        *COLOURS,
+        *SHAPES,
+        *POSITIONS,
+        *POSITION_PHRASES.values(),
+        *CAPTION_PROMPTS,
+        *QUESTIONS.values(),
+        SAME_COLOUR_QUESTION,
+        SECOND_SHAPE_QUESTION,
+        OPPOSITE_QUESTION,
+        MIX_QUESTION,
+        "yes no",
+    ]
+    return sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s{}]", t.lower())})
 
 
 def draw_shape(
@@ -179,10 +208,10 @@ def make_sample(
     if u < text_only_fraction:
         if rng.random() < 0.5:
             position = rng.choice(sorted(OPPOSITES))
-            question, answer = f"What is the opposite of {position}?", OPPOSITES[position]
+            question, answer = OPPOSITE_QUESTION.format(position), OPPOSITES[position]
         else:
             (a, b), answer = rng.choice(sorted(MIXES.items()))
-            question = f"Which colour do you get by mixing {a} and {b}?"
+            question = MIX_QUESTION.format(a, b)
         return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], [], "text"
     if u < text_only_fraction + multi_image_fraction:
         first = _random_image(rng, image_size)
@@ -192,12 +221,12 @@ def make_sample(
         turns = [
             {
                 "from": "human",
-                "value": _with_image(rng, "Do the two shapes have the same colour?", 2),
+                "value": _with_image(rng, SAME_COLOUR_QUESTION, 2),
             },
             {"from": "gpt", "value": "yes" if same else "no"},
         ]
         if rng.random() < 0.5:
-            turns.append({"from": "human", "value": "What shape is in the second image?"})
+            turns.append({"from": "human", "value": SECOND_SHAPE_QUESTION})
             turns.append({"from": "gpt", "value": second["shape"]})
         return turns, [first["image"], second["image"]], "multi"
     attrs = _random_image(rng, image_size)

@@ -1,0 +1,14 @@
+"""Training on megatron-core: config, loop, optimizer/schedule, checkpoints, logging, FLOPs.
+
+Modules, by role:
+- `config.py`: `TrainConfig`, `JobConfig`, YAML + dotted overrides (`load_job_config`).
+- `setup.py`: model chunks (+ recompute), megatron optimizer, LR schedule, the guarded step.
+- `data_setup.py`: data resolution (synthetic default), loaders, one step's micro-batches.
+- `trainer.py`: the loop (`train(job)`), signals, NaN guard, evaluation and save cadence.
+- `checkpointing.py`: atomic full-state checkpoints (model, optimizer, RNG, scheduler, data).
+- `metrics.py`: log line, memory line, TensorBoard, metrics.jsonl.
+- `evaluate.py`: validation loss, caption attribute accuracy on the synthetic data.
+- `flops.py`: model FLOPs per step (ViT, projector, LM; frozen parts counted correctly).
+
+Heavy imports (torch, megatron) happen in the sub-modules; importing this package is cheap.
+"""

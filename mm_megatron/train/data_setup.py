@@ -1,0 +1,250 @@
+"""The trainer's side of the data pipeline: which data, which loaders, one step's micro-batches.
+
+What this file does:
+- `resolve_data(job)`: with no training shards configured, generate the embedded synthetic
+  shapes dataset and its tiny tokenizer into `<run_dir>/synthetic-data` (once; rank 0 writes it
+  to a temporary directory and renames it, the others wait) and point the data config at it.
+  Nothing is downloaded.
+- `check_tokenizer(model, info)`: the tokenizer's image-token id and vocabulary must fit the
+  model; the error says which flag fixes it.
+- `StepBatches`: pulls the micro-batches of one optimizer step from a rank's loader, drops
+  `sample_keys`, optionally blanks the images (the ablation), and measures the step's real
+  (unpadded, image-expanded) sequence lengths for throughput and FLOPs.
+
+Every rank of a data-parallel replica (its TP/PP/CP ranks) builds the same loader (same DP
+rank and seed), so they all see the same micro-batches without a broadcast; DP ranks read
+disjoint parts of the stream.
+
+What it does not do: decode, tokenize or pack (`mm_megatron.data`), or talk to other ranks
+except for the barrier around the synthetic-data generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.data import DataConfig, TokenizerInfo, build_dataloader
+from mm_megatron.data.batch import IGNORE_INDEX
+from mm_megatron.train.config import JobConfig
+
+SYNTHETIC_DIRNAME = "synthetic-data"
+"""Sub-directory of the run dir holding the generated dataset."""
+
+SYNTHETIC_VAL_SAMPLES = 200
+"""Held-out samples of the generated dataset."""
+
+
+@dataclass
+class ResolvedData:
+    """The data a run actually uses."""
+
+    config: DataConfig
+    """The data config with shards and tokenizer filled in."""
+    synthetic_dir: Path | None = None
+    """The generated synthetic dataset, if that is what the run uses."""
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    """Label vocabularies of the synthetic dataset (colours, shapes, positions)."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, seed: int) -> dict:
+    """Generate the synthetic dataset into `out_dir` unless it is there already; collective.
+
+    Args:
+        out_dir: Target directory (complete when it holds `dataset_info.json`).
+        model: The model: images are drawn at its encoder size, the tokenizer fits its vocab.
+        n_train: Training samples.
+        seed: Dataset seed.
+
+    Returns:
+        The dataset's `dataset_info.json` content.
+    """
+    from mm_megatron.data.synthetic import write_synthetic_dataset
+
+    info_path = out_dir / "dataset_info.json"
+    if _rank() == 0 and not info_path.is_file():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_synthetic_dataset(
+            str(tmp),
+            n_train=n_train,
+            n_val=SYNTHETIC_VAL_SAMPLES,
+            image_size=model.vision.image_size,
+            shard_size=500,
+            seed=seed,
+            vocab_size=min(1024, model.lm.vocab_size),
+        )
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    _barrier()
+    return json.loads(info_path.read_text(encoding="utf-8"))
+
+
+def resolve_data(job: JobConfig) -> ResolvedData:
+    """The job's data, generating the synthetic dataset when none is configured; collective."""
+    data = job.data
+    if data.train_shards:
+        # a dataset written by `mm-megatron data synth` keeps its label vocabularies beside the
+        # index; with them the caption accuracy can be measured on it too
+        info = Path(data.train_shards).parent / "dataset_info.json"
+        labels = {}
+        if info.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                labels = json.loads(info.read_text(encoding="utf-8")).get("labels") or {}
+        return ResolvedData(config=data, labels=labels)
+    out_dir = job.run_dir / SYNTHETIC_DIRNAME
+    info = ensure_synthetic_dataset(out_dir, job.model, job.train.synthetic_samples, seed=0)
+    if info["splits"]["train"]["num_samples"] < job.train.synthetic_samples:
+        raise ValueError(
+            f"{out_dir} holds fewer samples than train.synthetic_samples; delete it to regenerate"
+        )
+    config = replace(
+        data,
+        train_shards=str(out_dir / "train.index.json"),
+        val_shards=str(out_dir / "val.index.json"),
+        tokenizer_path=data.tokenizer_path or str(out_dir / "tokenizer"),
+    )
+    return ResolvedData(config=config, synthetic_dir=out_dir, labels=info.get("labels", {}))
+
+
+def check_tokenizer(model: LlavaConfig, info: TokenizerInfo) -> None:
+    """Raise ValueError unless the tokenizer's ids fit the model."""
+    if info.image_token_id != model.image_token_id:
+        raise ValueError(
+            f"the tokenizer's {info.image_token!r} id is {info.image_token_id} but "
+            f"model.image_token_id={model.image_token_id}; set --model.image_token_id="
+            f"{info.image_token_id} (or use the model's tokenizer)"
+        )
+    if info.vocab_size > model.lm.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {info.vocab_size} tokens but lm.vocab_size="
+            f"{model.lm.vocab_size}; the embedding table is too small"
+        )
+
+
+def build_loader(
+    data: DataConfig,
+    tokenizer: TokenizerInfo,
+    job: JobConfig,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    split: str = "train",
+) -> Any:
+    """One DP rank's loader (train: endless; val: endless too, restarted for every eval)."""
+    return build_dataloader(
+        data,
+        tokenizer,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        micro_batch_size=job.train.micro_batch_size,
+        tokens_per_image=job.model.tokens_per_image,
+        seed=job.train.seed,
+        split=split,
+        num_epochs=None if split == "train" else 1_000_000,
+    )
+
+
+def sequence_lengths(
+    batch: dict, image_token_id: int, pad_token_id: int, tokens_per_image: int
+) -> list[int]:
+    """Real expanded length of every (sub-)sequence of a collated batch.
+
+    Without packing, a row's text ends at its last token that is not padding or has a label
+    (so an eos used as pad still counts when it carries the loss).
+
+    Args:
+        batch: A collated batch (`mm_megatron/data/batch.py`).
+        image_token_id: The placeholder id.
+        pad_token_id: The id right-padding rows.
+        tokens_per_image: Embeddings per image.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]  # [b, s]
+    is_img = ids == image_token_id  # [b, s]
+    out: list[int] = []
+    if "seq_lens" in batch:
+        for r, row in enumerate(batch["seq_lens"].tolist()):
+            start = 0
+            for n in row:
+                if n <= 0:
+                    break
+                n_img = int(is_img[r, start : start + n].sum())
+                out.append(n + n_img * (tokens_per_image - 1))
+                start += n
+        return out
+    real = (ids != pad_token_id) | (labels != IGNORE_INDEX)  # [b, s]
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    text_len = torch.where(real, positions + 1, 0).max(dim=1).values  # [b]
+    n_img = is_img.sum(dim=1)  # [b]
+    return (text_len + n_img * (tokens_per_image - 1)).tolist()
+
+
+@dataclass
+class StepStats:
+    """What one rank fed the model in one step."""
+
+    seq_lens: list[int]
+    """Real expanded length of every (sub-)sequence."""
+    num_images: int
+    """Images."""
+    samples: int
+    """Samples (packed sub-sequences count one each)."""
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens."""
+        return sum(self.seq_lens)
+
+
+class StepBatches:
+    """Draws the micro-batches of one optimizer step from a loader.
+
+    Args:
+        loader: A `MultimodalDataLoader` (kept; its `state_dict()` is the resume position).
+        num_microbatches: Micro-batches per step on this rank.
+        tokens_per_image: Embeddings per image.
+        blank_images: Replace every image by zeros (ablation).
+    """
+
+    def __init__(self, loader, num_microbatches: int, tokens_per_image: int, blank_images: bool):
+        self.loader = loader
+        self.num_microbatches = num_microbatches
+        self.tokens_per_image = tokens_per_image
+        self.blank_images = blank_images
+        self._iter = None
+
+    def next_step(self) -> tuple[list[dict], StepStats]:
+        """The next step's micro-batches (model inputs only) and their statistics."""
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        info = self.loader.tokenizer_info
+        batches, lens, images, samples = [], [], 0, 0
+        for _ in range(self.num_microbatches):
+            batch = next(self._iter)
+            samples += len(batch.pop("sample_keys"))
+            lens += sequence_lengths(
+                batch, info.image_token_id, info.pad_token_id, self.tokens_per_image
+            )
+            images += int(batch["images"].shape[0])
+            if self.blank_images:
+                batch["images"] = torch.zeros_like(batch["images"])
+            batches.append(batch)
+        return batches, StepStats(seq_lens=lens, num_images=images, samples=samples)

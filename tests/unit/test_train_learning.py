@@ -1,0 +1,91 @@
+"""Proof that training learns, and that it learns from the images.
+
+Two ``mm-megatron train`` runs of the same small model on the synthetic shapes captions, side by
+side (one CPU thread each): one sees the images, one has every image blanked to zeros
+(``--train.blank_images=true``). On held-out captions ("a red circle on the left") the first
+must name the colour and the shape correctly >= 90% of the time (teacher-forced argmax over the
+word's tokens); the second cannot do better than guessing from word frequencies, which shows the
+image path is what carries the information.
+
+The model is debug-tiny with a finer patch grid (32 px images in 4 px patches: 64 image tokens)
+and a wider encoder: debug-tiny's own 4x4 grid of 16 px patches learns colours quickly but
+shapes only after many thousand steps, too slow for a CPU test.
+
+STATUS (not yet passing, so it is skipped unless ``--learning`` is given): measured on this
+2-core CPU machine, the image run reaches colour accuracy 0.83 and shape accuracy 0.22 after 700
+steps (val loss 1.03 with images vs 1.24 blanked); variants with a wider LM, 8 px patches, 48 px
+images or lr 5e-3 / beta2 0.95 did no better on shapes within 500-600 steps. The shape sits on
+~8% of the image, and the tiny LM has to learn to attend to it; see the training issue's note.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mm_megatron.train.metrics import read_metrics
+from mm_megatron.train.testing import kill_session, train_subprocess
+
+pytestmark = [pytest.mark.slow, pytest.mark.learning]
+
+MODEL = [
+    "--model.vision.image_size=32",
+    "--model.vision.patch_size=4",
+    "--model.vision.hidden_size=128",
+    "--model.vision.ffn_hidden_size=256",
+]
+TRAIN = [
+    "--micro-batch-size", "32",
+    "--global-batch-size", "32",
+    "--train-iters", "700",
+    "--lr", "3e-3",
+    "--lr-warmup-iters", "30",
+    "--log-interval", "50",
+    "--eval-iters", "1",
+    "--train.caption_eval=true",
+    "--train.num_threads=1",
+    "--data.template=plain",
+    "--data.num_workers=1",
+]  # fmt: skip
+N_TRAIN, N_VAL = 6000, 400
+
+
+def _final_eval(run_dir) -> dict:
+    evals = read_metrics(run_dir / "metrics.jsonl", kind="eval")
+    return evals[max(evals)]
+
+
+def test_learns_colour_and_shape_words_from_images(tmp_path):
+    from mm_megatron.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(
+        str(data), n_train=N_TRAIN, n_val=N_VAL, image_size=64, shard_size=1000, vocab_size=512
+    )
+    common = [
+        "--preset", "debug-tiny",
+        f"--data.train_shards={data}/train.index.json",
+        f"--data.val_shards={data}/val.index.json",
+        f"--data.tokenizer_path={data}/tokenizer",
+        *MODEL, *TRAIN,
+    ]  # fmt: skip
+    runs = {}
+    for name, blank in (("images", "false"), ("blank", "true")):
+        run_dir = tmp_path / name
+        log = open(run_dir.with_suffix(".log"), "w")  # noqa: SIM115 - closed below
+        args = [*common, f"--run-dir={run_dir}", f"--train.blank_images={blank}"]
+        runs[name] = (run_dir, log, train_subprocess(args, stdout=log))
+    try:
+        for run_dir, log, proc in runs.values():
+            proc.wait(timeout=900)
+            log.close()
+            assert proc.returncode == 0, run_dir.with_suffix(".log").read_text()[-3000:]
+    finally:
+        for _, _, proc in runs.values():
+            kill_session(proc)
+    seen = _final_eval(runs["images"][0])
+    blind = _final_eval(runs["blank"][0])
+    print(f"\nwith images: {seen}\nimages blanked: {blind}")
+    assert seen["captions"] >= 150
+    assert seen["colour_acc"] >= 0.9 and seen["shape_acc"] >= 0.9, seen
+    # chance is 1/6 (colour) and 1/5 (shape); guessing the commonest word gets about that
+    assert blind["colour_acc"] <= 0.35 and blind["shape_acc"] <= 0.4, blind
