@@ -197,7 +197,7 @@ def check_logits(
             model_io.load_checkpoint(ours_model, ckpt_dir)
             ours = forward_logits(ours_model, batch["ours"])
     else:
-        from mm_megatron.convert.spawn import run_world
+        from mm_megatron.runtime.spawn import run_world
 
         results = run_world(_layout_worker, tp * pp, str(ckpt_dir), batch["ours"], tp, pp)
         ours = next(r for r in results if r is not None)

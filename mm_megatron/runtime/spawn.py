@@ -1,16 +1,27 @@
-"""Run a function on N local CPU processes over gloo (``convert verify --tp/--pp``).
+"""Run a function on N local CPU processes over gloo.
 
-Each process activates the CPU runtime, joins a gloo group through a file store and calls
-``fn(rank, world_size, *args)``; results come back ordered by rank. The first failing rank's
-traceback is raised in the caller. Uses the ``spawn`` start method, so callers' module-level code
-must be import-safe (``if __name__ == "__main__":`` in scripts).
+``run_world(fn, world_size, *args)`` spawns ``world_size`` processes; each one activates the CPU
+runtime, joins a gloo group through a file store, calls ``fn(rank, world_size, *args)`` and sends
+back its (picklable) result. Results come back ordered by rank. An exception in any rank raises
+`WorldError` in the caller with that rank's traceback; a hang is cut off after ``timeout``
+seconds. Process groups are always destroyed.
+
+Users: ``convert verify --tp/--pp`` and the distributed test tier
+(``tests/distributed/launcher.py``). Uses the ``spawn`` start method, so callers' module-level
+code must be import-safe (``if __name__ == "__main__":`` in scripts).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_mod
 import tempfile
 import traceback
+
+
+class WorldError(RuntimeError):
+    """A rank of a spawned world failed or the world timed out (the message says which)."""
 
 
 def _worker(rank, world_size, init_file, fn, args, queue):
@@ -32,7 +43,12 @@ def _worker(rank, world_size, init_file, fn, args, queue):
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
         )
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        result = fn(rank, world_size, *args)
+        # NOTE: results go through the queue as bytes: torch's shared-memory tensor passing
+        # breaks when the sending process exits before the receiver has opened them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -46,6 +62,7 @@ def _worker(rank, world_size, init_file, fn, args, queue):
 
 def run_world(fn, world_size: int, *args, timeout: float = 900.0) -> list:
     """``[fn(0, ws, *args), ..., fn(ws-1, ws, *args)]`` computed on ``world_size`` processes."""
+    import torch
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -66,9 +83,12 @@ def run_world(fn, world_size: int, *args, timeout: float = 900.0) -> list:
                 if not ok:
                     error = f"rank {rank} failed:\n{payload}"
                     break
-                results[rank] = payload
-        except Exception as e:  # queue.Empty
-            error = f"processes timed out after {timeout}s ({type(e).__name__})"
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        except queue_mod.Empty:
+            dead = [
+                f"rank {r} exit code {p.exitcode}" for r, p in enumerate(procs) if not p.is_alive()
+            ]
+            error = f"distributed run timed out after {timeout}s; {', '.join(dead) or 'all alive'}"
         finally:
             for p in procs:
                 p.join(timeout=5 if error else 60)
@@ -76,5 +96,5 @@ def run_world(fn, world_size: int, *args, timeout: float = 900.0) -> list:
                     p.kill()
                     p.join()
         if error:
-            raise RuntimeError(error)
+            raise WorldError(error)
         return [results[r] for r in range(world_size)]
