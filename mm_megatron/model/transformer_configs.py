@@ -73,8 +73,11 @@ def lm_transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=lm.qkv_bias,
-        # Every micro-batch may have its own length (image expansion, packing).
-        variable_seq_lengths=True,
+        # Every micro-batch may have its own length (image expansion, packing); megatron then
+        # sends each activation's shape before it. With virtual stages the schedule pads all
+        # micro-batches to one length (`parallel/schedule.py`), so shapes are fixed and not sent.
+        # NOTE: the interleaved schedule's batched shape exchange deadlocks on gloo at PP=4.
+        variable_seq_lengths=not par.virtual_pp,
         moe_token_dispatcher_type="alltoall",
         # Loss = sum over tokens; finalize_model_grads divides by the global token count.
         calculate_per_token_loss=True,  # no MoE; megatron rejects the default with the above

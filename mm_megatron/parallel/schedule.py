@@ -16,13 +16,11 @@ mean over all real tokens, independent of how they are split over micro-batches 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_attr_wrapped_model, get_model_config
+from megatron.core.utils import get_attr_wrapped_model
 
 
 def loss_func(output: tuple[torch.Tensor, torch.Tensor]):
@@ -43,8 +41,9 @@ def forward_step(data_iterator, model):
 def _common_length(chunk, microbatches: list[dict]) -> tuple[list[dict], int]:
     """Pad every micro-batch to one length for the interleaved schedule.
 
-    NOTE: megatron's interleaved schedule ignores ``variable_seq_lengths`` and receives
-    activations into buffers of ``[seq_length / CP / (TP if SP), mbs, h]`` from the
+    NOTE: with virtual stages the LM config has ``variable_seq_lengths`` off
+    (`transformer_configs.py`), so megatron's interleaved schedule receives activations into
+    buffers of ``[seq_length / CP / (TP if SP), mbs, h]`` from the
     ``seq_length`` argument, so every micro-batch must have exactly that (padded, expanded)
     length. Padding sits after every real token with loss mask 0: the loss is unchanged.
 
@@ -60,29 +59,6 @@ def _common_length(chunk, microbatches: list[dict]) -> tuple[list[dict], int]:
     longest = max(plan(mb["input_ids"]).seq_len for mb in microbatches)
     padded = -(-longest // factor) * factor
     return [dict(mb, min_seq_len=padded) for mb in microbatches], padded
-
-
-@contextlib.contextmanager
-def _fixed_shapes(chunks: list):
-    """With virtual stages, switch off megatron's shape exchange while the schedule runs.
-
-    Every micro-batch already has the common padded length (`_common_length`), so the shapes are
-    known. NOTE: with ``variable_seq_lengths`` the interleaved schedule first exchanges shape
-    tensors with one batched isend/irecv per message; with PP > 2 on gloo those exchanges of
-    neighbouring stages can wait on each other forever (seen with PP=4 x VP=2).
-    """
-    if len(chunks) == 1:
-        yield
-        return
-    configs = [get_model_config(c) for c in chunks]
-    saved = [c.variable_seq_lengths for c in configs]
-    for c in configs:
-        c.variable_seq_lengths = False
-    try:
-        yield
-    finally:
-        for c, v in zip(configs, saved, strict=True):
-            c.variable_seq_lengths = v
 
 
 def forward_backward(
@@ -108,16 +84,15 @@ def forward_backward(
         microbatches, seq_length = _common_length(chunks[0], microbatches)
     fb = get_forward_backward_func()
     iterators = [iter(microbatches) for _ in chunks]
-    with _fixed_shapes(chunks):
-        results = fb(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=first.shape[0],
-            forward_only=forward_only,
-        )
+    results = fb(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=first.shape[0],
+        forward_only=forward_only,
+    )
     totals = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for r in results:
