@@ -15,24 +15,15 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 def pytest_addoption(parser):
     parser.addoption("--full-matrix", action="store_true", help="run the full layout parity matrix")
-    parser.addoption(
-        "--learning", action="store_true", help="run the (failing, ~5 min) learning acceptance test"
-    )
 
 
 def pytest_collection_modifyitems(config, items):
     run_full = config.getoption("--full-matrix") or "full_matrix" in (config.option.markexpr or "")
     skip_full = pytest.mark.skip(reason="full parity matrix: pass --full-matrix")
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
-    run_learning = config.getoption("--learning") or "learning" in (config.option.markexpr or "")
-    skip_learning = pytest.mark.skip(
-        reason="learning acceptance test does not reach 90% shape accuracy yet: pass --learning"
-    )
     for item in items:
         if "full_matrix" in item.keywords and not run_full:
             item.add_marker(skip_full)
-        if "learning" in item.keywords and not run_learning:
-            item.add_marker(skip_learning)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
 import re
@@ -57,10 +58,10 @@ SHAPES = ("circle", "square", "triangle", "star", "diamond")
 """Shapes that can be drawn."""
 
 POSITIONS = {
-    "left": (0.25, 0.5),
-    "right": (0.75, 0.5),
-    "top": (0.5, 0.25),
-    "bottom": (0.5, 0.75),
+    "left": (0.3, 0.5),
+    "right": (0.7, 0.5),
+    "top": (0.5, 0.3),
+    "bottom": (0.5, 0.7),
     "center": (0.5, 0.5),
 }
 """Position name -> shape centre as a fraction of (width, height)."""
@@ -126,10 +127,39 @@ def vocabulary_words() -> list[str]:
     return sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s{}]", t.lower())})
 
 
+def _silhouette(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """Polygon of `shape` of size `r` centred at (cx, cy); None for the circle.
+
+    Areas differ by >= 1.27x between any two shapes (star 1.0 r^2, diamond 1.5, triangle 2.2,
+    circle 3.14, square 4), more than the size jitter (1.18x), so the silhouettes differ in both
+    outline and pixel count.
+    """
+    if shape == "circle":
+        return None
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx - 1.1 * r, cy + r), (cx + 1.1 * r, cy + r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else 0.34 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        return points
+    raise ValueError(f"unknown shape {shape!r}")
+
+
 def draw_shape(
     shape: str, colour: str, position: str, width: int, height: int, rng: random.Random
 ) -> Image.Image:
     """Draw one shape on a plain background.
+
+    The shape's size is a fraction (0.23-0.25) of the image's longer side, so after LLaVA's
+    pad-to-square a shape has the same size in square and non-square images; its centre sits at
+    `POSITIONS[position]` (+-4% jitter), moved inwards where the shape would leave the image.
 
     Args:
         shape: One of `SHAPES`.
@@ -141,31 +171,20 @@ def draw_shape(
     """
     img = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
     draw = ImageDraw.Draw(img)
-    side = min(width, height)
-    r = side * rng.uniform(0.14, 0.19)
+    side = max(width, height)
+    r = side * rng.uniform(0.23, 0.25)
     fx, fy = POSITIONS[position]
     cx = fx * width + rng.uniform(-0.04, 0.04) * side
     cy = fy * height + rng.uniform(-0.04, 0.04) * side
+    reach = 1.1 * r  # the widest silhouette (triangle) reaches 1.1 r sideways
+    cx = min(max(cx, reach), width - reach)
+    cy = min(max(cy, r), height - r)
     fill = COLOURS[colour]
-    if shape == "circle":
+    points = _silhouette(shape, cx, cy, r)
+    if points is None:
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-    elif shape == "star":
-        import math
-
-        points = []
-        for k in range(10):
-            radius = r if k % 2 == 0 else 0.45 * r
-            angle = -math.pi / 2 + k * math.pi / 5
-            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
-        draw.polygon(points, fill=fill)
     else:
-        raise ValueError(f"unknown shape {shape!r}")
+        draw.polygon(points, fill=fill)
     return img
 
 

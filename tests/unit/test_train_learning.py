@@ -1,21 +1,17 @@
 """Proof that training learns, and that it learns from the images.
 
-Two ``mm-megatron train`` runs of the same small model on the synthetic shapes captions, side by
-side (one CPU thread each): one sees the images, one has every image blanked to zeros
-(``--train.blank_images=true``). On held-out captions ("a red circle on the left") the first
-must name the colour and the shape correctly >= 90% of the time (teacher-forced argmax over the
-word's tokens); the second cannot do better than guessing from word frequencies, which shows the
-image path is what carries the information.
+Two ``mm-megatron train --preset debug-tiny`` runs on the synthetic shapes data, side by side
+(one CPU thread each, ~4-5 min on the 2-core CI machine): one sees the images, one has every
+image blanked to zeros (``--train.blank_images=true``). On held-out captions ("a red circle on
+the left") the first must name the colour and the shape correctly >= 90% of the time
+(teacher-forced argmax over the word's tokens); the second cannot do better than guessing from
+word frequencies, which shows the image path is what carries the information.
 
-The model is debug-tiny with a finer patch grid (32 px images in 4 px patches: 64 image tokens)
-and a wider encoder: debug-tiny's own 4x4 grid of 16 px patches learns colours quickly but
-shapes only after many thousand steps, too slow for a CPU test.
-
-STATUS (not yet passing, so it is skipped unless ``--learning`` is given): measured on this
-2-core CPU machine, the image run reaches colour accuracy 0.83 and shape accuracy 0.22 after 700
-steps (val loss 1.03 with images vs 1.24 blanked); variants with a wider LM, 8 px patches, 48 px
-images or lr 5e-3 / beta2 0.95 did no better on shapes within 500-600 steps. The shape sits on
-~8% of the image, and the tiny LM has to learn to attend to it; see the training issue's note.
+Measured (1500 steps, batch 32, lr 2e-3): with images colour 1.00 and shape 0.96 (seed 1234),
+0.98 (seed 7), 0.95 (lr 3e-3); shape first passes 0.90 between steps 1000 and 1200. Blanked
+images stay at chance. Two things made this learnable in CPU time: debug-tiny's init std of
+0.08 (at GPT's 0.02 a width-64 ViT keeps shapes at chance for thousands of steps) and shapes
+whose silhouettes also differ in area (`data/synthetic.py`).
 """
 
 from __future__ import annotations
@@ -25,21 +21,15 @@ import pytest
 from mm_megatron.train.metrics import read_metrics
 from mm_megatron.train.testing import kill_session, train_subprocess
 
-pytestmark = [pytest.mark.slow, pytest.mark.learning]
+pytestmark = [pytest.mark.slow, pytest.mark.learning, pytest.mark.timeout(1500)]
 
-MODEL = [
-    "--model.vision.image_size=32",
-    "--model.vision.patch_size=4",
-    "--model.vision.hidden_size=128",
-    "--model.vision.ffn_hidden_size=256",
-]
 TRAIN = [
     "--micro-batch-size", "32",
     "--global-batch-size", "32",
-    "--train-iters", "700",
-    "--lr", "3e-3",
+    "--train-iters", "1500",
+    "--lr", "2e-3",
     "--lr-warmup-iters", "30",
-    "--log-interval", "50",
+    "--log-interval", "100",
     "--eval-iters", "1",
     "--train.caption_eval=true",
     "--train.num_threads=1",
@@ -66,7 +56,7 @@ def test_learns_colour_and_shape_words_from_images(tmp_path):
         f"--data.train_shards={data}/train.index.json",
         f"--data.val_shards={data}/val.index.json",
         f"--data.tokenizer_path={data}/tokenizer",
-        *MODEL, *TRAIN,
+        *TRAIN,
     ]  # fmt: skip
     runs = {}
     for name, blank in (("images", "false"), ("blank", "true")):
