@@ -111,7 +111,7 @@ def debug_tiny() -> LlavaConfig:
         image_token_id=4,
         freeze_vision=False,
         # Widths of 64 need a wider init than GPT's 0.02 (~1/sqrt(64)): at 0.02 the fresh ViT
-        # learns colours but its shape features stay at chance for thousands of steps.
+        # learns colours but left shape accuracy at chance after 700 steps (learning test).
         init_method_std=0.08,
     )
 

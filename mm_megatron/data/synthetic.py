@@ -127,19 +127,22 @@ def vocabulary_words() -> list[str]:
     return sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s{}]", t.lower())})
 
 
-def _silhouette(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
-    """Polygon of `shape` of size `r` centred at (cx, cy); None for the circle.
+TRIANGLE_HALF_BASE = 1.1
+"""Half the triangle's base, in units of the shape size r (the widest silhouette sideways)."""
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Vertices of `shape` (any of `SHAPES` but the circle) of size `r` centred at (cx, cy).
 
     Areas differ by >= 1.27x between any two shapes (star 1.0 r^2, diamond 1.5, triangle 2.2,
     circle 3.14, square 4), more than the size jitter (1.18x), so the silhouettes differ in both
     outline and pixel count.
     """
-    if shape == "circle":
-        return None
     if shape == "square":
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
-        return [(cx, cy - r), (cx - 1.1 * r, cy + r), (cx + 1.1 * r, cy + r)]
+        half = TRIANGLE_HALF_BASE * r
+        return [(cx, cy - r), (cx - half, cy + r), (cx + half, cy + r)]
     if shape == "diamond":
         return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
     if shape == "star":
@@ -176,15 +179,14 @@ def draw_shape(
     fx, fy = POSITIONS[position]
     cx = fx * width + rng.uniform(-0.04, 0.04) * side
     cy = fy * height + rng.uniform(-0.04, 0.04) * side
-    reach = 1.1 * r  # the widest silhouette (triangle) reaches 1.1 r sideways
+    reach = TRIANGLE_HALF_BASE * r
     cx = min(max(cx, reach), width - reach)
     cy = min(max(cy, r), height - r)
     fill = COLOURS[colour]
-    points = _silhouette(shape, cx, cy, r)
-    if points is None:
+    if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
-        draw.polygon(points, fill=fill)
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
     return img
 
 
