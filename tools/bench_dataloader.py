@@ -21,6 +21,7 @@ import time
 from mm_megatron.data.config import DataConfig
 from mm_megatron.data.loader import build_dataloader
 from mm_megatron.data.synthetic import write_synthetic_dataset
+from mm_megatron.model.image_tokens import ImageTokenCounter
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
             dp_rank=0,
             dp_size=1,
             micro_batch_size=args.micro_batch_size,
-            tokens_per_image=args.tokens_per_image,
+            image_tokens=ImageTokenCounter(tokens_per_tile=args.tokens_per_image),
             seed=0,
         )
         batches = iter(loader)

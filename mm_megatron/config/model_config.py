@@ -218,11 +218,6 @@ class LlavaConfig:
     init_method_std: float = 0.02
     """Std of the normal init for fresh weights."""
 
-    @property
-    def tokens_per_image(self) -> int:
-        """Embeddings each ``<image>`` placeholder expands into."""
-        return self.vision.num_output_tokens
-
     def set_spec(self, spec: str) -> None:
         """Use ``spec`` (local or te) for every component."""
         _check_spec("spec", spec)

@@ -33,6 +33,7 @@ from mm_megatron.config.model_config import (
     VisionConfig,
 )
 from mm_megatron.convert.errors import MissingFileError, UnsupportedModelError
+from mm_megatron.model.image_tokens import image_token_count
 
 TEXT_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
@@ -243,9 +244,9 @@ def llava_config_from_hf(
     except ValueError as e:
         raise UnsupportedModelError(f"config.json maps to an invalid model config: {e}") from None
     seq = getattr(hf_cfg, "image_seq_length", None)
-    if seq is not None and int(seq) != cfg.tokens_per_image:
+    if seq is not None and int(seq) != image_token_count(cfg):
         notes.append(
-            f"image_seq_length={seq} but the vision config yields {cfg.tokens_per_image} "
+            f"image_seq_length={seq} but the vision config yields {image_token_count(cfg)} "
             "image tokens per image"
         )
     return cfg, notes
@@ -333,7 +334,7 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
         vision_config=vision,
         text_config=text,
         image_token_index=cfg.image_token_id,
-        image_seq_length=cfg.tokens_per_image,
+        image_seq_length=image_token_count(cfg),
         projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy,
         vision_feature_layer=-1,

@@ -66,7 +66,12 @@ def forward_logits(model, batch: dict) -> torch.Tensor | None:
     with torch.no_grad():
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
             return model(**batch)
-        plan = model.plan(batch["input_ids"], None, batch.get("num_images"))
+        plan = model.plan(
+            batch["input_ids"],
+            None,
+            batch.get("num_images"),
+            image_tokens=batch.get("image_tokens"),
+        )
 
         def step(data_iterator, m):
             return m(**next(data_iterator)), None  # no loss_func: the output is collected

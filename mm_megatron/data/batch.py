@@ -1,18 +1,26 @@
 """The batch contract between the data pipeline and the model, and a checker for it.
 
-What this file does: documents the keys, dtypes and shapes of one collated micro batch and checks a
-batch against them (`validate_batch`). The model side imports it; the data side calls it in tests.
-It has no dependency on the rest of `mm_megatron.data`.
+What this file does: documents the keys, dtypes and shapes of one collated micro batch, checks a
+batch against them (`validate_batch`), and defines `ImageGeometry`, the per-image facts that fix
+an image's token count (`mm_megatron.model.image_tokens` turns a geometry into the count). The
+loader's tests and `mm_megatron.model.image_tokens` import it. It has no dependency on the rest
+of `mm_megatron.data`.
 
 What it does not do: build batches (`collate.py`), move them to a device, or expand image
 placeholders (the model does that).
 
 Contract (all CPU tensors; b = rows in the micro batch, s = text length after padding):
 
-- `images` float32 [N_total, 3, H, W]: every image of the batch, in the order their placeholders
-  appear when reading `input_ids` row-major; normalised. N_total may be 0 ([0, 3, H, W]).
+- `images` float32 [N_tiles, 3, H, W]: every encoder tile of every image of the batch, images in
+  the order their placeholders appear when reading `input_ids` row-major, each image's tiles
+  consecutive; normalised. N_tiles may be 0 ([0, 3, H, W]).
 - `num_images` int64 [b]: images per row; equals the count of `image_token_id` in that row of
   `input_ids` (0 for text-only rows).
+- `num_tiles` int64 [N]: encoder tiles per image (1 without a tiling scheme); sums to N_tiles.
+- `image_tokens` int64 [N]: embeddings each image's placeholder expands into, computed by the
+  model's `ImageTokenCounter` from the image's `ImageGeometry`.
+- `expanded_lens` int64 [n_samples]: each sample's length after expansion (`expanded_length`),
+  row-major, one per `sample_keys` entry; computed once, in the sample processor.
 - `input_ids` int64 [b, s]: ONE `image_token_id` per image; right-padded with the pad id.
 - `labels` int64 [b, s]: UNSHIFTED (the model shifts): `labels[i, t] == input_ids[i, t]` where the
   loss applies (assistant turns and their end token; the caption + eos for `plain`), -100
@@ -23,12 +31,14 @@ Contract (all CPU tensors; b = rows in the micro batch, s = text length after pa
 - `sample_keys` list[str]: webdataset `__key__` of every sample, row-major (one per row without
   packing, one per sub-sequence with packing).
 
-The length the language model sees for a row is its expanded length:
-`text_len - n_placeholders + n_images * tokens_per_image` (`expanded_length`).
+The length the language model sees for a sample is its expanded length:
+`text_len - n_images + sum(image_tokens)` (`expanded_length`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +46,16 @@ import torch
 IGNORE_INDEX = -100
 """Label value meaning "no loss at this position" (torch's cross-entropy default)."""
 
-REQUIRED_KEYS = ("images", "num_images", "input_ids", "labels", "sample_keys")
+REQUIRED_KEYS = (
+    "images",
+    "num_images",
+    "num_tiles",
+    "image_tokens",
+    "input_ids",
+    "labels",
+    "expanded_lens",
+    "sample_keys",
+)
 """Keys every batch has; `seq_lens` is added when packing is on."""
 
 
@@ -44,15 +63,25 @@ class BatchContractError(ValueError):
     """A batch does not follow the contract in this module's docstring."""
 
 
-def expanded_length(text_len: int, num_images: int, tokens_per_image: int) -> int:
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How one image reaches the encoder: what its token count depends on besides the model."""
+
+    num_tiles: int = 1
+    """Encoder passes (tiles) for this image; 1 without a tiling scheme."""
+
+    newline_rows: int = 0
+    """Row-separator embeddings the model appends (tiling schemes that mark grid rows)."""
+
+
+def expanded_length(text_len: int, image_tokens: Sequence[int]) -> int:
     """Sequence length after the model replaces each placeholder by its image embeddings.
 
     Args:
         text_len: Number of text tokens, placeholders included.
-        num_images: Number of image placeholders in the text.
-        tokens_per_image: Embeddings the model inserts for one image.
+        image_tokens: Embeddings the model inserts for each image of the sample.
     """
-    return text_len - num_images + num_images * tokens_per_image
+    return text_len - len(image_tokens) + sum(image_tokens)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -99,6 +128,53 @@ def _check_seq_lens(batch: dict[str, Any], labels: torch.Tensor, keys: list[str]
     )
 
 
+def _check_expanded_lens(
+    batch: dict[str, Any],
+    is_placeholder: torch.Tensor,
+    image_tokens: torch.Tensor,
+    text_lens: torch.Tensor | None,
+    num_samples: int,
+) -> None:
+    """`expanded_lens` must equal text length - placeholders + image tokens, per sample."""
+    expanded = _check_tensor(batch, "expanded_lens", torch.long, 1)
+    _check(
+        expanded.shape == (num_samples,),
+        f"expanded_lens must be [{num_samples}] (one per sample), got {tuple(expanded.shape)}",
+    )
+    b, s = is_placeholder.shape
+    if text_lens is None:  # one sample per row
+        ends = torch.full((b,), s, dtype=torch.long)
+    else:
+        ends = torch.cumsum(batch["seq_lens"], 1)[batch["seq_lens"] > 0]  # [n_samples]
+    rows = torch.arange(b)[:, None].expand(b, s)
+    cols = torch.arange(s)[None].expand(b, s)
+    img_row, img_col = rows[is_placeholder], cols[is_placeholder]  # image order
+    # sample index of every image: rows before it, plus sub-sequences of its row ending before it
+    if text_lens is None:
+        sample_of_image = img_row
+    else:
+        row_of_sample = rows[:, : batch["seq_lens"].shape[1]][batch["seq_lens"] > 0]
+        before = (row_of_sample[None] < img_row[:, None]) | (
+            (row_of_sample[None] == img_row[:, None]) & (ends[None] <= img_col[:, None])
+        )
+        sample_of_image = before.sum(1)
+    extra = torch.zeros(num_samples, dtype=torch.long)
+    extra.index_add_(0, sample_of_image, image_tokens - 1)
+    implied_text = expanded - extra  # [n_samples]
+    if text_lens is None:
+        _check(
+            bool(((implied_text >= 1) & (implied_text <= s)).all()),
+            f"expanded_lens {expanded.tolist()} do not fit rows of {s} text tokens with image "
+            f"tokens {image_tokens.tolist()}",
+        )
+    else:
+        _check(
+            torch.equal(implied_text, text_lens),
+            f"expanded_lens {expanded.tolist()} != seq_lens {text_lens.tolist()} expanded by "
+            f"image tokens {image_tokens.tolist()}",
+        )
+
+
 def validate_batch(
     batch: dict[str, Any], image_token_id: int, *, image_size: int | None = None
 ) -> None:
@@ -126,7 +202,15 @@ def validate_batch(
             f"images must be {image_size}x{image_size}, got {tuple(images.shape[2:])}",
         )
     total = int(num_images.sum())
-    _check(images.shape[0] == total, f"{images.shape[0]} images for num_images summing to {total}")
+    num_tiles = _check_tensor(batch, "num_tiles", torch.long, 1)
+    image_tokens = _check_tensor(batch, "image_tokens", torch.long, 1)
+    for key, value in (("num_tiles", num_tiles), ("image_tokens", image_tokens)):
+        _check(value.shape == (total,), f"{key} must be [{total}], got {tuple(value.shape)}")
+        _check(bool((value >= 1).all()), f"{key} must be >= 1, got {value.tolist()}")
+    tiles = int(num_tiles.sum())
+    _check(
+        images.shape[0] == tiles, f"{images.shape[0]} image tiles for num_tiles summing to {tiles}"
+    )
     _check(bool(torch.isfinite(images).all()), "images contain NaN or inf")
 
     is_placeholder = input_ids == image_token_id
@@ -149,9 +233,12 @@ def validate_batch(
     )
     if "seq_lens" in batch:
         _check_seq_lens(batch, labels, keys)
+        text_lens = batch["seq_lens"][batch["seq_lens"] > 0]  # [n_samples], row-major
     else:
         _check(len(keys) == b, f"sample_keys has {len(keys)} entries for {b} rows")
         if b:
             _check(
                 bool((labels[:, 0] == IGNORE_INDEX).all()), "the first token of a row has a label"
             )
+        text_lens = None
+    _check_expanded_lens(batch, is_placeholder, image_tokens, text_lens, len(keys))

@@ -3,7 +3,8 @@
 What this file does: concatenates the samples of each row (one sample per row without packing),
 right-pads input_ids with the pad id and labels with -100 to the longest row, a fixed `pad_to`,
 and/or a multiple, concatenates the images in row-major placeholder order and normalises them
-(workers hand over uint8 pixels), and adds `seq_lens` when packing.
+(workers hand over uint8 pixels), carries every image's tile and token counts and every sample's
+expanded length, and adds `seq_lens` when packing.
 
 What it does not do: choose which samples share a row (`packing.py`) or check the result
 (`batch.validate_batch`).
@@ -35,6 +36,10 @@ def padded_length(longest: int, pad_to: int | None, pad_to_multiple_of: int) -> 
     return -(-length // pad_to_multiple_of) * pad_to_multiple_of
 
 
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def collate_rows(
     rows: Sequence[Sequence[Example]],
     *,
@@ -62,6 +67,9 @@ def collate_rows(
     input_ids = np.full((b, seq_len), pad_token_id, dtype=np.int64)  # [b, s]
     labels = np.full((b, seq_len), IGNORE_INDEX, dtype=np.int64)  # [b, s]
     num_images = np.zeros(b, dtype=np.int64)  # [b]
+    num_tiles: list[np.ndarray] = []  # per example: [n_images]
+    image_tokens: list[np.ndarray] = []  # per example: [n_images]
+    expanded_lens: list[int] = []  # per example
     seq_lens = np.zeros((b, max((len(row) for row in rows), default=0)), dtype=np.int64)  # [b, k]
     images: list[np.ndarray] = []
     keys: list[str] = []
@@ -73,9 +81,12 @@ def collate_rows(
             labels[r, start : start + n] = ex.labels
             seq_lens[r, k] = n
             start += n
-            num_images[r] += ex.images.shape[0]
+            num_images[r] += ex.image_tokens.shape[0]
             if ex.images.shape[0]:
                 images.append(ex.images)
+            num_tiles.append(ex.num_tiles)
+            image_tokens.append(ex.image_tokens)
+            expanded_lens.append(ex.expanded_len)
             keys.append(ex.key)
     # numpy throughout: single-threaded copies, no torch intra-op thread contention.
     size = image_transform.size
@@ -83,8 +94,11 @@ def collate_rows(
     batch = {
         "images": torch.from_numpy(image_transform.normalize_pixels(pixels)),  # [N, 3, H, W]
         "num_images": torch.from_numpy(num_images),
+        "num_tiles": torch.from_numpy(_concat(num_tiles)),
+        "image_tokens": torch.from_numpy(_concat(image_tokens)),
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
+        "expanded_lens": torch.tensor(expanded_lens, dtype=torch.long),
         "sample_keys": keys,
     }
     if packed:

@@ -3,7 +3,7 @@
 What this file does: holds the dataclass and checks its values (`DataConfig.validate`).
 
 What it does not do: read YAML or command lines (the config registry does), or decide values that
-belong to the model or the parallel layout; `tokens_per_image`, the data-parallel rank/size,
+belong to the model or the parallel layout; the image-token count, the data-parallel rank/size,
 the micro batch size and the seed are arguments of `build_dataloader`, not fields here.
 """
 
@@ -55,7 +55,7 @@ class DataConfig:
     """Normalisation: clip (OpenAI CLIP mean/std) or siglip (0.5/0.5)."""
 
     max_seq_len: int = 2048
-    """Longest expanded sequence (images expanded to tokens_per_image); longer samples are
+    """Longest expanded sequence (each image expanded to its token count); longer samples are
     skipped and counted as bad, never truncated."""
 
     packing: bool = False

@@ -22,12 +22,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from mm_megatron.data.batch import ImageGeometry
 from mm_megatron.data.collate import collate_rows
 from mm_megatron.data.config import DataConfig
 from mm_megatron.data.image import ImageTransform
@@ -259,7 +260,7 @@ def build_dataloader(
     dp_rank: int,
     dp_size: int,
     micro_batch_size: int,
-    tokens_per_image: int,
+    image_tokens: Callable[[ImageGeometry], int],
     seed: int,
     start_sample: int = 0,
     split: str = "train",
@@ -274,15 +275,14 @@ def build_dataloader(
         dp_rank: This rank's index in the data-parallel group.
         dp_size: Size of the data-parallel group.
         micro_batch_size: Rows per batch.
-        tokens_per_image: Embeddings the model inserts per image (for lengths and packing).
+        image_tokens: The model's image-token count for an image of a given geometry
+            (`mm_megatron.model.image_tokens.ImageTokenCounter`); sizes samples and packing.
         seed: Shuffle seed; all ranks pass the same one.
         start_sample: Stream position to resume at (`state_dict()["sample_position"]`).
         split: `train` (endless, shuffled if configured) or `val` (one pass, file order).
         num_epochs: Override the stream length in epochs (None: endless for train, 1 for val).
     """
     data_config.validate()
-    if tokens_per_image < 1:
-        raise ValueError(f"tokens_per_image={tokens_per_image} must be >= 1")
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose train or val")
     if not isinstance(tokenizer, TokenizerInfo):
@@ -310,7 +310,7 @@ def build_dataloader(
         template=data_config.template,
         image_transform=transform,
         max_seq_len=data_config.max_seq_len,
-        tokens_per_image=tokens_per_image,
+        image_tokens=image_tokens,
         system_prompt=data_config.system_prompt,
     )
     return MultimodalDataLoader(

@@ -177,10 +177,10 @@ class ExampleDataset(torch.utils.data.IterableDataset):
                 raise BadSampleError("unreadable_shard", f"{key}.{ext}: {e}") from e
 
         try:
-            input_ids, labels, images, total = self.processor(members.members[key].keys(), read)
+            fields = self.processor(members.members[key].keys(), read)
         except BadSampleError as e:
             return BadSample(key, path, position, e.reason, e.detail)
-        return Example(key, path, position, input_ids, labels, images, total)
+        return Example(key, path, position, *fields)
 
     def iter_chunks(
         self, start: int, worker_id: int = 0, num_workers: int = 1, chunk: int = 1

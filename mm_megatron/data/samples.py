@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mm_megatron.data.batch import IGNORE_INDEX, expanded_length
+from mm_megatron.data.batch import IGNORE_INDEX, ImageGeometry, expanded_length
 from mm_megatron.data.image import ImageDecodeError, ImageTransform
 from mm_megatron.data.shards import IMAGE_EXTENSIONS
 from mm_megatron.data.templates import TemplateError, tokenize_conversation
@@ -72,11 +72,17 @@ class Example:
     """int64 [s_text], unshifted, -100 where no loss applies."""
 
     images: np.ndarray
-    """uint8 [n_images, H, W, 3] (n_images may be 0): squared and resized, not yet normalised
-    (`collate_rows` normalises them into the batch)."""
+    """uint8 [n_tiles, H, W, 3] (n_tiles may be 0): squared and resized, not yet normalised
+    (`collate_rows` normalises them into the batch); each image's tiles are consecutive."""
+
+    num_tiles: np.ndarray
+    """int64 [n_images]: encoder tiles of each image."""
+
+    image_tokens: np.ndarray
+    """int64 [n_images]: embeddings each image's placeholder expands into (the model's count)."""
 
     expanded_len: int
-    """Length after image expansion: s_text - n_images + n_images * tokens_per_image."""
+    """Length after image expansion: s_text - n_images + sum(image_tokens)."""
 
 
 @dataclass
@@ -125,16 +131,17 @@ class SampleProcessor:
     max_seq_len: int
     """Longest allowed expanded length."""
 
-    tokens_per_image: int
-    """Embeddings the model inserts per image."""
+    image_tokens: Callable[[ImageGeometry], int]
+    """The model's image-token count (`mm_megatron.model.image_tokens.ImageTokenCounter`)."""
 
     system_prompt: str | None = None
     """System prompt override (None: template default)."""
 
     def __call__(
         self, available: Collection[str], read: Callable[[str], bytes]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """Build (input_ids, labels, images, expanded_len) or raise `BadSampleError`.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Build `Example`'s fields after `position` (input_ids, labels, images, num_tiles,
+        image_tokens, expanded_len) or raise `BadSampleError`.
 
         Args:
             available: Member extensions of the sample, e.g. {"json", "0.jpg"}.
@@ -162,7 +169,11 @@ class SampleProcessor:
             raise BadSampleError(
                 "placeholder_mismatch", f"{num_placeholders} placeholders for {num_images} images"
             )
-        total = expanded_length(len(tokens.input_ids), num_images, self.tokens_per_image)
+        # One tile per image: the transform squares and resizes to the encoder's size.
+        geometry = ImageGeometry(num_tiles=1)
+        num_tiles = np.full(num_images, geometry.num_tiles, dtype=np.int64)
+        image_tokens = np.full(num_images, self.image_tokens(geometry), dtype=np.int64)
+        total = expanded_length(len(tokens.input_ids), image_tokens.tolist())
         if total > self.max_seq_len:
             raise BadSampleError("too_long", f"expanded length {total} > {self.max_seq_len}")
         if all(label == IGNORE_INDEX for label in tokens.labels):
@@ -180,4 +191,4 @@ class SampleProcessor:
                 raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
         input_ids = np.asarray(tokens.input_ids, dtype=np.int64)
         labels = np.asarray(tokens.labels, dtype=np.int64)
-        return input_ids, labels, pixels, total
+        return input_ids, labels, pixels, num_tiles, image_tokens, total

@@ -6,11 +6,14 @@ freezing, process groups) are made by :func:`mm_megatron.model.build.build_llava
 class only computes with what it is given.
 
 Forward contract (all stages receive the same batch; see ``mm_megatron/data/batch.py``):
-``images [N, 3, H, W]``, ``input_ids [b, s]`` with one placeholder per image, unshifted
-``labels [b, s]`` (-100 = no loss), optional ``num_images [b]``, ``seq_lens [b, k]`` (packed).
-Returns, on the last stage, ``(per_token_loss [b, s_out], loss_mask [b, s_out])`` when labels are
-given, else logits ``[b, s_out, vocab]`` (TP-gathered, vocab padding stripped); on other stages
-the hidden states for the next one.
+``images [N_tiles, 3, H, W]``, ``input_ids [b, s]`` with one placeholder per image, unshifted
+``labels [b, s]`` (-100 = no loss), optional ``num_images [b]``, ``num_tiles [N]`` and
+``image_tokens [N]`` (default: one tile per image, counted by ``ImageTokenCounter``),
+``seq_lens [b, k]`` (packed), ``expanded_lens`` (statistics only; ignored here).
+Returns, on the last stage, ``(per_token_loss [b, s_local], loss_mask [b, s_local])`` when labels
+are given, else logits ``[b, s_local, vocab]`` (TP-gathered, vocab padding stripped); on other
+stages the hidden states ``[s_local, b, h]`` for the next one (``s_local`` = this CP rank's share
+of the padded expanded length, divided by TP under sequence parallelism).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.merge import MergePlan, merge_embeddings, plan_merge, shift_labels
 from mm_megatron.model.projector import build_projector
 from mm_megatron.model.specs import block_spec, lm_layer_spec, vit_layer_spec
@@ -112,7 +116,7 @@ class LlavaModel(MegatronModule):
             self.vision_projection = build_projector(
                 projector_config, cfg.projector, cfg.vision.hidden_size, pg_collection
             )
-        self.tokens_per_image = cfg.tokens_per_image
+        self.count_image_tokens = ImageTokenCounter.from_config(cfg)
         # Pads to the CP/SP shard factor, splits to this CP rank, scatters to the SP region.
         self.padder = CPPadder(
             tp=self.tp_size,
@@ -145,12 +149,19 @@ class LlavaModel(MegatronModule):
         num_images: torch.Tensor | None = None,
         seq_lens: torch.Tensor | None = None,
         min_seq_len: int = 0,
+        image_tokens: torch.Tensor | None = None,
     ) -> MergePlan:
-        """The merge layout for a batch (identical on every stage)."""
+        """The merge layout for a batch (identical on every stage).
+
+        ``image_tokens`` [N] comes with every batch of the data pipeline; without it every image
+        is one tile, counted by ``ImageTokenCounter``.
+        """
+        if image_tokens is None:
+            image_tokens = self.count_image_tokens()
         return plan_merge(
             input_ids,
             self.cfg.image_token_id,
-            self.tokens_per_image,
+            image_tokens,
             num_images=num_images,
             labels=labels,
             seq_lens=seq_lens,
@@ -158,7 +169,7 @@ class LlavaModel(MegatronModule):
         )
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images [N, C, H, W] -> projected features [N, T, h_lm]."""
+        """images [N_tiles, C, H, W] -> projected features [N_tiles, T', h_lm], one encoder call."""
         return self.vision_projection(self.vision_model(images))
 
     def _merged_embeddings(self, images, input_ids, plan: MergePlan) -> torch.Tensor:
@@ -167,9 +178,10 @@ class LlavaModel(MegatronModule):
         text = self.language_model.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
         text = text.transpose(0, 1)  # [b, s, h]
         if images is not None and images.shape[0] > 0:
-            feats = self.encode_images(images)  # [N, T, h]
+            # tiles of an image are consecutive, images in placeholder order: image-major rows
+            feats = self.encode_images(images).flatten(0, 1)  # [N_tiles * T', h]
         else:
-            feats = text.new_zeros(0, self.tokens_per_image, text.shape[-1])
+            feats = text.new_zeros(0, text.shape[-1])
         merged = merge_embeddings(text, feats, plan)  # [b, s_out, h]
         if plan.num_images == 0 and self.training:
             # NOTE: a batch without images must still touch every vision parameter (zero weight),
@@ -194,13 +206,14 @@ class LlavaModel(MegatronModule):
         num_images: torch.Tensor | None = None,
         seq_lens: torch.Tensor | None = None,
         min_seq_len: int = 0,
+        image_tokens: torch.Tensor | None = None,
     ) -> DecoderInputs:
         """Merge, shift labels, pad for CP/SP, split to this CP rank, scatter to SP.
 
         Packed batches (``seq_lens`` given) are flattened into one THD sequence: every
         sub-sequence of every row, each padded on its own.
         """
-        plan = self.plan(input_ids, labels, num_images, seq_lens, min_seq_len)
+        plan = self.plan(input_ids, labels, num_images, seq_lens, min_seq_len, image_tokens)
         b = input_ids.shape[0]
         if plan.labels is not None:
             targets, loss_mask = shift_labels(plan.labels, plan.segment_lengths)
@@ -232,9 +245,15 @@ class LlavaModel(MegatronModule):
         num_images: torch.Tensor | None = None,
         seq_lens: torch.Tensor | None = None,
         min_seq_len: int = 0,
+        image_tokens: torch.Tensor | None = None,
+        num_tiles: torch.Tensor | None = None,
+        expanded_lens: torch.Tensor | None = None,
     ):
+        # num_tiles: tiles are consecutive per image and every tile is encoded alike, so the
+        # flat tile order already is the image order; expanded_lens is for statistics.
+        del num_tiles, expanded_lens
         di = self.prepare_decoder_inputs(
-            images, input_ids, labels, num_images, seq_lens, min_seq_len
+            images, input_ids, labels, num_images, seq_lens, min_seq_len, image_tokens
         )
         padded = self.padded_vocab_size != self.cfg.lm.vocab_size
         out = self.language_model(

@@ -1,9 +1,11 @@
 """Image-token merge: expand each ``<image>`` placeholder into the image's embeddings.
 
-Given text ``input_ids [b, s]`` where every image is ONE placeholder token, and image features
-``[N, T, h]`` (images in sample order, left to right within a sample), build the decoder input of
-length ``s_out = s + max_b(n_images_b) * (T - 1)`` (per sample: ``text - n_image_tokens +
-n_images * T``). All index arithmetic is vectorised (no Python loop over samples or tokens).
+Given text ``input_ids [b, s]`` where every image is ONE placeholder token, the number of
+embeddings of every image ``image_tokens [N]`` (images in sample order, left to right within a
+sample; counts may differ per image), and the images' features flattened to
+``[sum(image_tokens), h]``, build the decoder input of length ``s_out = max_b(s - n_images_b +
+sum of sample b's image_tokens)`` (per sample: ``text - n_image_tokens + sum(image_tokens)``). All
+index arithmetic is vectorised (no Python loop over samples, images or tokens).
 
 Split in two so pipeline stages without the embeddings can still compute labels:
 
@@ -40,18 +42,28 @@ class MergePlan:
     """(batch, source column, destination column) of every kept text token."""
     image_index: tuple[torch.Tensor, torch.Tensor]
     """(batch, destination column) of every image embedding row, image-major."""
-    num_images: int
-    """Total images N."""
+    image_tokens: torch.Tensor
+    """long [N]: embeddings of each image."""
     labels: torch.Tensor | None
     """long [b, s_out]: unshifted labels, -100 at image and padding positions."""
     segment_lengths: torch.Tensor | None = None
     """long [b, k]: expanded lengths of packed sub-sequences (0-padded), if packed."""
 
+    @property
+    def num_images(self) -> int:
+        """Total images N."""
+        return int(self.image_tokens.numel())
+
+    @property
+    def num_image_embeddings(self) -> int:
+        """Image embedding rows the merge expects: sum(image_tokens)."""
+        return int(self.image_index[0].numel())
+
 
 def plan_merge(
     input_ids: torch.Tensor,
     image_token_id: int,
-    tokens_per_image: int,
+    image_tokens: torch.Tensor | int,
     *,
     num_images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -65,7 +77,7 @@ def plan_merge(
     Args:
         input_ids: long [b, s] with one ``image_token_id`` per image.
         image_token_id: the placeholder id.
-        tokens_per_image: embeddings per image (T).
+        image_tokens: long [N] embeddings of each image (placeholder order), or one int for all.
         num_images: long [b] images per sample; checked against the placeholders.
         labels: long [b, s] unshifted labels (-100 = no loss), or None.
         text_lengths: long [b] valid text tokens per sample (rest is padding); default s.
@@ -76,11 +88,11 @@ def plan_merge(
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [b, s], got shape {tuple(input_ids.shape)}")
     b, s = input_ids.shape
-    t = int(tokens_per_image)
+    device = input_ids.device
     is_img = input_ids == image_token_id  # [b, s]
     n_img = is_img.sum(1)  # [b]
     if num_images is not None:
-        num_images = num_images.to(n_img.device)
+        num_images = num_images.to(device)
         bad = (num_images != n_img).nonzero()
         if bad.numel():
             i = int(bad[0, 0])
@@ -88,21 +100,26 @@ def plan_merge(
                 f"sample {i}: {int(n_img[i])} <image> placeholder(s) (id {image_token_id}) but "
                 f"{int(num_images[i])} image(s)"
             )
+    ib, isrc = is_img.nonzero(as_tuple=True)  # [N], row-major = image order
+    counts = _image_counts(image_tokens, int(ib.numel()), device)  # [N]
     if text_lengths is None:
-        text_lengths = torch.full((b,), s, dtype=torch.long, device=input_ids.device)
-    width = torch.where(is_img, t, 1)  # [b, s]
+        text_lengths = torch.full((b,), s, dtype=torch.long, device=device)
+    width = torch.ones(b, s, dtype=torch.long, device=device)  # [b, s]: columns per source token
+    width[ib, isrc] = counts
     start = torch.cumsum(width, 1) - width  # [b, s]: destination column of each source token
-    lengths = text_lengths + n_img * (t - 1)  # [b]
-    s_out = s + (int(n_img.max()) if b else 0) * (t - 1)
+    valid = torch.arange(s, device=device)[None] < text_lengths[:, None]  # [b, s]
+    lengths = (width * valid).sum(1)  # [b]
+    s_out = int(width.sum(1).max()) if b else 0
     s_out = max(s_out, int(min_seq_len))
     s_out = -(-s_out // seq_multiple) * seq_multiple
 
     tb, ts = (~is_img).nonzero(as_tuple=True)
     td = start[tb, ts]
-    ib, isrc = is_img.nonzero(as_tuple=True)  # row-major = image order
-    offs = torch.arange(t, device=input_ids.device)
-    img_b = ib.repeat_interleave(t)  # [N*T]
-    img_d = (start[ib, isrc][:, None] + offs[None, :]).reshape(-1)  # [N*T]
+    total = int(counts.sum())
+    first = torch.cumsum(counts, 0) - counts  # [N]: first embedding row of each image
+    img_b = ib.repeat_interleave(counts, output_size=total)  # [sum(counts)]
+    offs = torch.arange(total, device=device) - first.repeat_interleave(counts, output_size=total)
+    img_d = start[ib, isrc].repeat_interleave(counts, output_size=total) + offs  # [sum(counts)]
 
     out_labels = None
     if labels is not None:
@@ -115,31 +132,45 @@ def plan_merge(
 
     seg = None
     if seq_lens is not None:
-        seg = _segment_lengths(is_img, seq_lens, t)
+        seg = _segment_lengths(width, seq_lens)
     return MergePlan(
         seq_len=s_out,
         lengths=lengths,
         text_index=(tb, ts, td),
         image_index=(img_b, img_d),
-        num_images=int(ib.numel()),
+        image_tokens=counts,
         labels=out_labels,
         segment_lengths=seg,
     )
 
 
-def _segment_lengths(is_img: torch.Tensor, seq_lens: torch.Tensor, t: int) -> torch.Tensor:
-    """Expanded length of each packed sub-sequence: text_len + n_img * (T - 1)."""
-    b, s = is_img.shape
+def _image_counts(image_tokens: torch.Tensor | int, n: int, device) -> torch.Tensor:
+    """long [n] embeddings per image; a ValueError when the batch's counts do not match."""
+    if isinstance(image_tokens, int):
+        return torch.full((n,), image_tokens, dtype=torch.long, device=device)
+    counts = image_tokens.to(device=device, dtype=torch.long)
+    if counts.shape != (n,):
+        raise ImageTokenMismatchError(
+            f"{n} <image> placeholder(s) but image_tokens has shape {tuple(counts.shape)}"
+        )
+    if n and int(counts.min()) < 1:
+        raise ImageTokenMismatchError(f"image_tokens must be >= 1, got {counts.tolist()}")
+    return counts
+
+
+def _segment_lengths(width: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Expanded length of each packed sub-sequence: the sum of its tokens' widths."""
+    b, s = width.shape
     k = seq_lens.shape[1]
     ends = torch.cumsum(seq_lens, 1)  # [b, k]
     if bool((ends[:, -1] > s).any()):
         i = int((ends[:, -1] > s).nonzero()[0, 0])
         raise ValueError(f"sample {i}: packed seq_lens sum {int(ends[i, -1])} > row length {s}")
-    col = torch.arange(s, device=is_img.device).expand(b, s)
+    col = torch.arange(s, device=width.device).expand(b, s)
     seg_id = torch.searchsorted(ends, col, right=True).clamp(max=k - 1)  # [b, s]
-    n_img = torch.zeros(b, k, dtype=torch.long, device=is_img.device)
-    n_img.scatter_add_(1, seg_id, is_img.long())
-    return seq_lens + n_img * (t - 1) * (seq_lens > 0)
+    extra = torch.zeros(b, k, dtype=torch.long, device=width.device)
+    extra.scatter_add_(1, seg_id, width - 1)
+    return seq_lens + extra * (seq_lens > 0)
 
 
 def merge_embeddings(
@@ -149,29 +180,25 @@ def merge_embeddings(
 
     Args:
         text_embeds: [b, s, h] embeddings of ``input_ids``.
-        image_embeds: [N, T, h] projected image features.
+        image_embeds: [sum(image_tokens), h] projected image features, image-major.
         plan: from :func:`plan_merge` on the same ``input_ids``.
 
     Returns:
         [b, s_out, h]; positions past a sample's length are zero.
     """
     b, _, h = text_embeds.shape
-    if image_embeds.shape[0] != plan.num_images:
+    expected = plan.num_image_embeddings
+    if image_embeds.dim() != 2 or image_embeds.shape[0] != expected:
         raise ImageTokenMismatchError(
-            f"batch has {plan.num_images} <image> placeholder(s) but {image_embeds.shape[0]} "
-            "image(s) were encoded"
+            f"batch has {plan.num_images} <image> placeholder(s) expanding to {expected} "
+            f"embeddings, but the image features have shape {tuple(image_embeds.shape)}"
         )
     tb, ts, td = plan.text_index
     ib, idst = plan.image_index
     out = text_embeds.new_zeros(b, plan.seq_len, h)
     out = out.index_put((tb, td), text_embeds[tb, ts])
-    if plan.num_images:
-        if image_embeds.shape[1] * plan.num_images != ib.numel():
-            raise ImageTokenMismatchError(
-                f"image features have {image_embeds.shape[1]} tokens per image, expected "
-                f"{ib.numel() // max(plan.num_images, 1)}"
-            )
-        out = out.index_put((ib, idst), image_embeds.reshape(-1, h).to(out.dtype))
+    if expected:
+        out = out.index_put((ib, idst), image_embeds.to(out.dtype))
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.config.parallel_config import ParallelConfig
+from mm_megatron.model.image_tokens import image_token_count
 
 _LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 _VOCAB = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
@@ -134,7 +135,7 @@ def format_summary(cfg: LlavaConfig, par: ParallelConfig, name: str = "") -> str
         f"{cfg.vision.patch_size} ({cfg.vision.num_layers_built} of {cfg.vision.num_layers} layers "
         f"built), projector {cfg.projector.type}, LM {cfg.lm.flavor} L{cfg.lm.num_layers} "
         f"h{cfg.lm.hidden_size} heads {cfg.lm.num_attention_heads}/{cfg.lm.kv_groups}",
-        f"tokens per image: {cfg.tokens_per_image}; vocab {cfg.lm.vocab_size} (padded "
+        f"tokens per image (one tile): {image_token_count(cfg)}; vocab {cfg.lm.vocab_size} (padded "
         f"{cfg.lm.padded_vocab_size(1)} at TP=1, {cfg.lm.padded_vocab_size(par.tp)} at "
         f"TP={par.tp})",
         "",

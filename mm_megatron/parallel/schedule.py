@@ -56,7 +56,9 @@ def _common_length(chunk, microbatches: list[dict]) -> tuple[list[dict], int]:
         )
     plan = get_attr_wrapped_model(chunk, "plan")
     factor = get_attr_wrapped_model(chunk, "padder").factor
-    longest = max(plan(mb["input_ids"]).seq_len for mb in microbatches)
+    longest = max(
+        plan(mb["input_ids"], image_tokens=mb.get("image_tokens")).seq_len for mb in microbatches
+    )
     padded = -(-longest // factor) * factor
     return [dict(mb, min_seq_len=padded) for mb in microbatches], padded
 

@@ -8,8 +8,9 @@ What this file does:
 - `check_tokenizer(model, info)`: the tokenizer's image-token id and vocabulary must fit the
   model; the error says which flag fixes it.
 - `StepBatches`: pulls the micro-batches of one optimizer step from a rank's loader, drops
-  `sample_keys`, optionally blanks the images (the ablation), and measures the step's real
-  (unpadded, image-expanded) sequence lengths for throughput and FLOPs.
+  `sample_keys`, optionally blanks the images (the ablation), and collects the step's real
+  (unpadded, image-expanded) sequence lengths, which the batches carry (`expanded_lens`), and
+  image-token counts for throughput and FLOPs.
 
 Every rank of a data-parallel replica (its TP/PP/CP ranks) builds the same loader (same DP
 rank and seed), so they all see the same micro-batches without a broadcast; DP ranks read
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.data import DataConfig, TokenizerInfo, build_dataloader
-from mm_megatron.data.batch import IGNORE_INDEX
+from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.train.config import JobConfig
 
 SYNTHETIC_DIRNAME = "synthetic-data"
@@ -156,45 +157,11 @@ def build_loader(
         dp_rank=dp_rank,
         dp_size=dp_size,
         micro_batch_size=job.train.micro_batch_size,
-        tokens_per_image=job.model.tokens_per_image,
+        image_tokens=ImageTokenCounter.from_config(job.model),
         seed=job.train.seed,
         split=split,
         num_epochs=None if split == "train" else 1_000_000,
     )
-
-
-def sequence_lengths(
-    batch: dict, image_token_id: int, pad_token_id: int, tokens_per_image: int
-) -> list[int]:
-    """Real expanded length of every (sub-)sequence of a collated batch.
-
-    Without packing, a row's text ends at its last token that is not padding or has a label
-    (so an eos used as pad still counts when it carries the loss).
-
-    Args:
-        batch: A collated batch (`mm_megatron/data/batch.py`).
-        image_token_id: The placeholder id.
-        pad_token_id: The id right-padding rows.
-        tokens_per_image: Embeddings per image.
-    """
-    ids, labels = batch["input_ids"], batch["labels"]  # [b, s]
-    is_img = ids == image_token_id  # [b, s]
-    out: list[int] = []
-    if "seq_lens" in batch:
-        for r, row in enumerate(batch["seq_lens"].tolist()):
-            start = 0
-            for n in row:
-                if n <= 0:
-                    break
-                n_img = int(is_img[r, start : start + n].sum())
-                out.append(n + n_img * (tokens_per_image - 1))
-                start += n
-        return out
-    real = (ids != pad_token_id) | (labels != IGNORE_INDEX)  # [b, s]
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    text_len = torch.where(real, positions + 1, 0).max(dim=1).values  # [b]
-    n_img = is_img.sum(dim=1)  # [b]
-    return (text_len + n_img * (tokens_per_image - 1)).tolist()
 
 
 @dataclass
@@ -207,6 +174,8 @@ class StepStats:
     """Images."""
     samples: int
     """Samples (packed sub-sequences count one each)."""
+    image_tokens: list[int] = field(default_factory=list)
+    """Embeddings of every image."""
 
     @property
     def tokens(self) -> int:
@@ -220,14 +189,12 @@ class StepBatches:
     Args:
         loader: A `MultimodalDataLoader` (kept; its `state_dict()` is the resume position).
         num_microbatches: Micro-batches per step on this rank.
-        tokens_per_image: Embeddings per image.
         blank_images: Replace every image by zeros (ablation).
     """
 
-    def __init__(self, loader, num_microbatches: int, tokens_per_image: int, blank_images: bool):
+    def __init__(self, loader, num_microbatches: int, blank_images: bool):
         self.loader = loader
         self.num_microbatches = num_microbatches
-        self.tokens_per_image = tokens_per_image
         self.blank_images = blank_images
         self._iter = None
 
@@ -235,16 +202,16 @@ class StepBatches:
         """The next step's micro-batches (model inputs only) and their statistics."""
         if self._iter is None:
             self._iter = iter(self.loader)
-        info = self.loader.tokenizer_info
-        batches, lens, images, samples = [], [], 0, 0
+        batches, lens, tokens, samples = [], [], [], 0
         for _ in range(self.num_microbatches):
             batch = next(self._iter)
             samples += len(batch.pop("sample_keys"))
-            lens += sequence_lengths(
-                batch, info.image_token_id, info.pad_token_id, self.tokens_per_image
-            )
-            images += int(batch["images"].shape[0])
+            lens += batch.pop("expanded_lens").tolist()
+            tokens += batch["image_tokens"].tolist()
             if self.blank_images:
                 batch["images"] = torch.zeros_like(batch["images"])
             batches.append(batch)
-        return batches, StepStats(seq_lens=lens, num_images=images, samples=samples)
+        stats = StepStats(
+            seq_lens=lens, num_images=len(tokens), image_tokens=tokens, samples=samples
+        )
+        return batches, stats

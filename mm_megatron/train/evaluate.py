@@ -86,9 +86,18 @@ def caption_attribute_accuracy(
     try:
         with torch.no_grad():
             for batch in batches:
-                logits = model(batch["images"], batch["input_ids"], None, batch["num_images"])
+                tokens = batch.get("image_tokens")
+                logits = model(
+                    batch["images"],
+                    batch["input_ids"],
+                    None,
+                    batch["num_images"],
+                    image_tokens=tokens,
+                )
                 pred = logits.argmax(dim=-1)  # [b, s_out]
-                plan = model.plan(batch["input_ids"], batch["labels"], batch["num_images"])
+                plan = model.plan(
+                    batch["input_ids"], batch["labels"], batch["num_images"], image_tokens=tokens
+                )
                 expanded = plan.labels  # [b, s_out], unshifted
                 for row in range(expanded.shape[0]):
                     pos = (expanded[row] != IGNORE_INDEX).nonzero().flatten().tolist()

@@ -10,7 +10,8 @@ real (unpadded) sequence lengths and image count, and the training multiplier of
   mask halves them). The embedding lookup is free.
 - ViT, per image with p positions (patches + class token): ``2 * N_patch_conv * patches`` +
   per layer ``2 * p * (4 h^2 + 2 h f)`` + bidirectional attention ``4 * p^2 * h``.
-- Projector, per image with T output tokens: ``2 * N_proj * T``.
+- Projector, per image: what the projector class states (`Projector.forward_flops`), e.g.
+  ``2 * N_proj * T'`` for T' output tokens.
 - Training multiplier (backward = 2x forward when weight gradients are computed, 1x when only
   input gradients are): a trained part costs 3x forward; a frozen part that still has to pass
   gradients to a trained part before it costs 2x; a frozen part with nothing trainable before it
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mm_megatron.config.model_config import LanguageConfig, LlavaConfig, VisionConfig
+from mm_megatron.model.projector import projector_class
 
 
 def lm_matmul_params(lm: LanguageConfig, vocab: int | None = None) -> int:
@@ -70,21 +72,14 @@ def vit_forward_flops(v: VisionConfig, num_images: int) -> int:
     return num_images * (patch + v.num_layers_built * per_layer)
 
 
-def projector_matmul_params(cfg: LlavaConfig) -> int:
-    """Weights of the projector's matmuls."""
-    hv, h_lm = cfg.vision.hidden_size, cfg.lm.hidden_size
-    kind = cfg.projector.type
-    if kind == "mlp2x_gelu":
-        inner = cfg.projector.hidden_size or h_lm
-        return hv * inner + inner * h_lm
-    if kind == "linear":
-        return hv * h_lm
-    raise ValueError(f"no FLOPs formula for projector.type={kind!r}; add one in train/flops.py")
-
-
 def projector_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
-    """Forward FLOPs of the projector over `num_images` images."""
-    return 2 * projector_matmul_params(cfg) * cfg.tokens_per_image * num_images
+    """Forward FLOPs of the projector over `num_images` one-tile images (its class states them)."""
+    proj = projector_class(cfg.projector.type)
+    v = cfg.vision
+    per_image = proj.forward_flops(
+        cfg.projector, v.hidden_size, cfg.lm.hidden_size, v.num_output_tokens
+    )
+    return per_image * num_images
 
 
 def training_multipliers(cfg: LlavaConfig) -> tuple[int, int, int]:

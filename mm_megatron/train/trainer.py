@@ -41,6 +41,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
+from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.layout import validate_layout
 from mm_megatron.parallel.schedule import forward_backward
 from mm_megatron.runtime import distributed
@@ -174,8 +175,7 @@ class Trainer:
         )
         if data_state is not None:
             loader.load_state_dict(data_state)
-        tpi = job.model.tokens_per_image
-        self.train_batches = StepBatches(loader, self.num_microbatches, tpi, t.blank_images)
+        self.train_batches = StepBatches(loader, self.num_microbatches, t.blank_images)
         self.val_loader = None
         if self.data.config.val_shards and t.eval_iters > 0:
             self.val_loader = build_loader(
@@ -381,12 +381,7 @@ class Trainer:
         out: dict[str, float] = {}
         if self.val_loader is not None:
             self.val_loader.load_state_dict({"sample_position": 0})
-            val = StepBatches(
-                self.val_loader,
-                self.num_microbatches,
-                self.job.model.tokens_per_image,
-                t.blank_images,
-            )
+            val = StepBatches(self.val_loader, self.num_microbatches, t.blank_images)
             out["val_loss"] = validation_loss(self.chunks, val, t.eval_iters)
         if self.caption_eval:
             out.update(self.caption_accuracy())
@@ -407,13 +402,14 @@ class Trainer:
             dp_rank=0,
             dp_size=1,
             micro_batch_size=max(self.job.train.micro_batch_size, 16),
-            tokens_per_image=self.job.model.tokens_per_image,
+            image_tokens=ImageTokenCounter.from_config(self.job.model),
             seed=self.job.train.seed,
             split="val",
         )
         batches = []
         for batch in loader:
             batch.pop("sample_keys")
+            batch.pop("expanded_lens")
             if self.job.train.blank_images:
                 batch["images"] = torch.zeros_like(batch["images"])
             batches.append(batch)

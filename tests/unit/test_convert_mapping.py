@@ -14,6 +14,7 @@ from mm_megatron.convert.keys import KeySpelling, detect_spelling
 from mm_megatron.convert.mapping import build_rules, interleave_qkv, split_qkv
 from mm_megatron.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from mm_megatron.convert.testing import tiny_hf_config
+from mm_megatron.model.image_tokens import image_token_count
 
 # --- QKV ---------------------------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ def test_config_mapping_llama_and_qwen2():
     assert notes == []
     assert (cfg.lm.num_query_groups, cfg.lm.qkv_bias, cfg.lm.tie_embeddings) == (2, False, False)
     assert cfg.vision.num_layers_built == 2 and cfg.vision.drop_class_token
-    assert cfg.vision.apply_post_layernorm is False and cfg.tokens_per_image == 16
+    assert cfg.vision.apply_post_layernorm is False and image_token_count(cfg) == 16
     q, _ = llava_config_from_hf(tiny_hf_config("qwen2"))
     assert q.lm.qkv_bias and q.lm.tie_embeddings and q.lm.rope_theta == 1e6
     s, _ = llava_config_from_hf(tiny_hf_config("siglip"))

@@ -20,8 +20,11 @@ def _batch(packed: bool = False) -> dict:
     batch = {
         "images": torch.zeros(1, 3, 4, 4),
         "num_images": torch.tensor([1, 0]),
+        "num_tiles": torch.tensor([1]),
+        "image_tokens": torch.tensor([4]),
         "input_ids": input_ids,
         "labels": labels,
+        "expanded_lens": torch.tensor([8, 3]),
         "sample_keys": ["a", "b"],
     }
     if packed:
@@ -29,6 +32,7 @@ def _batch(packed: bool = False) -> dict:
         batch["labels"] = torch.tensor([[-100, -100, -100, 6, 2], [-100, -100, 8, -100, -100]])
         batch["seq_lens"] = torch.tensor([[2, 3], [3, 0]])
         batch["sample_keys"] = ["a", "b", "c"]
+        batch["expanded_lens"] = torch.tensor([5, 3, 3])
     return batch
 
 
@@ -48,7 +52,14 @@ def _broken(packed: bool, edit) -> dict:
     [
         (False, lambda b: b.pop("labels"), "lacks keys"),
         (False, lambda b: b.update(input_ids=b["input_ids"].int()), "must be torch.int64"),
-        (False, lambda b: b.update(images=torch.zeros(2, 3, 4, 4)), "2 images"),
+        (False, lambda b: b.update(images=torch.zeros(2, 3, 4, 4)), "2 image tiles"),
+        (False, lambda b: b.update(num_tiles=torch.tensor([2])), "num_tiles summing to 2"),
+        (False, lambda b: b.update(image_tokens=torch.tensor([4, 4])), "image_tokens must be"),
+        (False, lambda b: b.update(image_tokens=torch.tensor([0])), "must be >= 1"),
+        (False, lambda b: b.update(expanded_lens=torch.tensor([8])), "one per sample"),
+        (False, lambda b: b.update(expanded_lens=torch.tensor([9, 3])), "do not fit"),
+        (True, lambda b: b.update(expanded_lens=torch.tensor([6, 3, 3])), "!= seq_lens"),
+        (True, lambda b: b.update(image_tokens=torch.tensor([5])), "!= seq_lens"),
         (False, lambda b: b.update(num_images=torch.tensor([0, 1])), "placeholders per row"),
         (False, lambda b: b["labels"].__setitem__((0, 2), 99), "labels must equal input_ids"),
         (False, lambda b: b["labels"].__setitem__((0, 1), IMG), "placeholders must have label"),
@@ -69,4 +80,5 @@ def test_violations_are_named(packed, edit, message):
 def test_wrong_image_size_and_expanded_length():
     with pytest.raises(BatchContractError, match="must be 8x8"):
         validate_batch(_batch(), IMG, image_size=8)
-    assert expanded_length(text_len=5, num_images=1, tokens_per_image=576) == 580
+    assert expanded_length(text_len=5, image_tokens=[576]) == 580
+    assert expanded_length(text_len=9, image_tokens=[576, 144]) == 9 - 2 + 720

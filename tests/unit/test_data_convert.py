@@ -17,6 +17,7 @@ from mm_megatron.data.convert import convert_llava_json, main
 from mm_megatron.data.loader import build_dataloader
 from mm_megatron.data.shards import ShardMembers, resolve_shards
 from mm_megatron.data.synthetic import write_synthetic_dataset
+from mm_megatron.model.image_tokens import ImageTokenCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -114,7 +115,13 @@ def test_converted_shards_read_back_as_valid_batches(llava, tmp_path):
         max_bad_fraction=0.0,
     )
     loader = build_dataloader(
-        config, dp_rank=0, dp_size=1, micro_batch_size=8, tokens_per_image=4, seed=0, split="val"
+        config,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=8,
+        image_tokens=ImageTokenCounter(4),
+        seed=0,
+        split="val",
     )
     batches = list(loader)
     assert len(batches) == 1

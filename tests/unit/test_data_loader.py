@@ -16,6 +16,7 @@ from mm_megatron.data.config import DataConfig
 from mm_megatron.data.loader import TooManyBadSamplesError, build_dataloader
 from mm_megatron.data.shards import ShardWriter, encode_sample
 from mm_megatron.data.synthetic import write_synthetic_dataset
+from mm_megatron.model.image_tokens import ImageTokenCounter
 
 IMAGE_SIZE = 32
 TOKENS_PER_IMAGE = 8
@@ -56,7 +57,7 @@ def _loader(config: DataConfig, **kw):
         "dp_rank": 0,
         "dp_size": 1,
         "micro_batch_size": 4,
-        "tokens_per_image": TOKENS_PER_IMAGE,
+        "image_tokens": ImageTokenCounter(TOKENS_PER_IMAGE),
         "seed": 11,
         **kw,
     }

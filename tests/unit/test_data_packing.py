@@ -13,6 +13,7 @@ from mm_megatron.data.config import DataConfig
 from mm_megatron.data.loader import build_dataloader
 from mm_megatron.data.packing import KnapsackBatcher, greedy_knapsack
 from mm_megatron.data.synthetic import write_synthetic_dataset
+from mm_megatron.model.image_tokens import ImageTokenCounter
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -81,7 +82,7 @@ def test_loader_packs_within_max_seq_len_and_keeps_all_samples(synth_dir, tokens
         dp_rank=0,
         dp_size=1,
         micro_batch_size=3,
-        tokens_per_image=tokens_per_image,
+        image_tokens=ImageTokenCounter(tokens_per_image),
         seed=0,
         split="val",
     )
@@ -95,7 +96,7 @@ def test_loader_packs_within_max_seq_len_and_keeps_all_samples(synth_dir, tokens
             start, total = 0, 0
             for n in (n for n in lengths if n):
                 part = batch["input_ids"][row, start : start + n]
-                total += expanded_length(n, int((part == image_id).sum()), tokens_per_image)
+                total += expanded_length(n, [tokens_per_image] * int((part == image_id).sum()))
                 start += n
             assert total <= max_seq_len
             packed_rows += sum(1 for n in lengths if n) > 1
@@ -116,7 +117,13 @@ def test_packed_labels_never_cross_a_boundary(synth_dir):
         template="chatml",
     )
     loader = build_dataloader(
-        config, dp_rank=0, dp_size=1, micro_batch_size=2, tokens_per_image=4, seed=0, split="val"
+        config,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=2,
+        image_tokens=ImageTokenCounter(4),
+        seed=0,
+        split="val",
     )
     batch = next(iter(loader))
     validate_batch(batch, loader.image_token_id)

@@ -16,10 +16,10 @@ from mm_megatron.model.merge import (
 IMG = 7
 
 
-def reference_merge(input_ids, labels, image_embeds, t):
-    """Loop-based LLaVA merge: returns list of (embeds [L, h], labels [L]) per sample."""
+def reference_merge(input_ids, labels, image_embeds, h):
+    """Loop-based LLaVA merge over a list of per-image embeddings [T_i, h] (T_i may differ):
+    returns the text embeddings and a list of (embeds [L, h], labels [L]) per sample."""
     out, k = [], 0
-    h = image_embeds.shape[-1]
     text_embeds = torch.nn.functional.one_hot(input_ids, 50).float() @ torch.arange(
         50 * h, dtype=torch.float
     ).reshape(50, h)
@@ -28,7 +28,7 @@ def reference_merge(input_ids, labels, image_embeds, t):
         for j in range(input_ids.shape[1]):
             if int(input_ids[b, j]) == IMG:
                 es.append(image_embeds[k])
-                ls.append(torch.full((t,), IGNORE_INDEX))
+                ls.append(torch.full((image_embeds[k].shape[0],), IGNORE_INDEX))
                 k += 1
             else:
                 es.append(text_embeds[b, j : j + 1])
@@ -55,9 +55,9 @@ def test_merge_matches_reference(seed, t):
     b, s, h = 4, 12, 6
     ids, labels, n = make_batch(gen, b, s, max_imgs=3)
     imgs = torch.randn(int(n.sum()), t, h, generator=gen)
-    text, ref = reference_merge(ids, labels, imgs, t)
+    text, ref = reference_merge(ids, labels, list(imgs), h)
     plan = plan_merge(ids, IMG, t, num_images=n, labels=labels)
-    merged = merge_embeddings(text, imgs, plan)
+    merged = merge_embeddings(text, imgs.flatten(0, 1), plan)
     assert plan.seq_len == s + int(n.max()) * (t - 1)
     for i, (e, lab) in enumerate(ref):
         length = s - int(n[i]) + int(n[i]) * t  # text - n_image_tokens + n_images * T
@@ -68,6 +68,36 @@ def test_merge_matches_reference(seed, t):
         assert (plan.labels[i, length:] == IGNORE_INDEX).all()
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_variable_tokens_per_image_matches_reference(seed):
+    # every image has its own count (tiles, pooling, newline rows): still one vectorised merge
+    gen = torch.Generator().manual_seed(seed)
+    b, s, h = 5, 14, 4
+    ids, labels, n = make_batch(gen, b, s, max_imgs=3)
+    counts = torch.randint(1, 9, (int(n.sum()),), generator=gen)
+    per_image = [torch.randn(int(c), h, generator=gen) for c in counts]
+    text, ref = reference_merge(ids, labels, per_image, h)
+    flat = torch.cat(per_image) if per_image else torch.zeros(0, h)
+    plan = plan_merge(ids, IMG, counts, num_images=n, labels=labels)
+    merged = merge_embeddings(text, flat, plan)
+    assert plan.seq_len == max(e.shape[0] for e, _ in ref)
+    for i, (e, lab) in enumerate(ref):
+        length = e.shape[0]
+        assert length == int(plan.lengths[i])
+        torch.testing.assert_close(merged[i, :length], e, rtol=0, atol=0)
+        assert torch.equal(plan.labels[i, :length], lab)
+        assert (merged[i, length:] == 0).all()
+
+
+def test_packed_segments_with_variable_counts():
+    # row: [seg0: 1 IMG 2] [seg1: 3 IMG IMG 4]; images of 2, 5 and 1 embeddings
+    ids = torch.tensor([[1, IMG, 2, 3, IMG, IMG, 4, 0]])
+    plan = plan_merge(ids, IMG, torch.tensor([2, 5, 1]), seq_lens=torch.tensor([[3, 4, 0]]))
+    assert plan.segment_lengths.tolist() == [[3 + 1, 4 + 4 + 0, 0]]
+    with pytest.raises(ImageTokenMismatchError, match="image_tokens has shape"):
+        plan_merge(ids, IMG, torch.tensor([2, 5]))
+
+
 def test_merge_gradients_flow_to_both_sources():
     gen = torch.Generator().manual_seed(0)
     ids, labels, n = make_batch(gen, 3, 8, 2)
@@ -75,7 +105,7 @@ def test_merge_gradients_flow_to_both_sources():
     n = (ids == IMG).sum(1)
     text = torch.randn(3, 8, 4, requires_grad=True)
     imgs = torch.randn(int(n.sum()), 2, 4, requires_grad=True)
-    merged = merge_embeddings(text, imgs, plan_merge(ids, IMG, 2, num_images=n))
+    merged = merge_embeddings(text, imgs.flatten(0, 1), plan_merge(ids, IMG, 2, num_images=n))
     merged.sum().backward()
     assert torch.equal(imgs.grad, torch.ones_like(imgs))
     assert torch.equal(text.grad[ids != IMG], torch.ones_like(text.grad[ids != IMG]))
@@ -87,8 +117,8 @@ def test_mismatch_names_sample():
     with pytest.raises(ImageTokenMismatchError, match="sample 1: 2 <image> placeholder"):
         plan_merge(ids, IMG, 4, num_images=torch.tensor([1, 1]))
     plan = plan_merge(ids, IMG, 4)
-    with pytest.raises(ImageTokenMismatchError, match="3 <image> placeholder.*2 image"):
-        merge_embeddings(torch.zeros(2, 3, 5), torch.zeros(2, 4, 5), plan)
+    with pytest.raises(ImageTokenMismatchError, match="3 <image> placeholder.*12 embeddings"):
+        merge_embeddings(torch.zeros(2, 3, 5), torch.zeros(8, 5), plan)
 
 
 def test_image_positions_have_no_loss_and_shift():

@@ -7,6 +7,7 @@ import torch
 
 from mm_megatron.config import get_preset
 from mm_megatron.model.build import build_llava_model, freeze
+from mm_megatron.model.image_tokens import image_token_count
 
 
 def batch(cfg, b=3, s=16, seed=0, images_per_sample=(1, 2, 0)):
@@ -38,7 +39,7 @@ def test_forward_backward_local_spec(tiny):
     cfg, model = tiny
     b = batch(cfg)
     loss, mask = model(**b)
-    t = cfg.tokens_per_image
+    t = image_token_count(cfg)
     assert loss.shape == (3, 16 + 2 * (t - 1))
     assert mask[2, 16:].sum() == 0  # text-only sample has nothing past its 16 tokens
     lm = (loss * mask).sum() / mask.sum()
@@ -110,14 +111,14 @@ def test_siglip_linear_qwen2_variant(single_rank):
     assert "vision_model.post_layernorm.weight" in names
     assert "language_model.decoder.layers.0.self_attention.linear_qkv.bias" in names
     assert "language_model.output_layer.weight" not in names  # tied
-    assert cfg.tokens_per_image == 16
+    assert image_token_count(cfg) == 16
     mean_loss(model, batch(cfg)).backward()
 
 
 def test_unknown_projector_lists_registered(single_rank):
     cfg = get_preset("debug-tiny")
     cfg.projector.type = "qformer?"
-    with pytest.raises(ValueError, match="registered: linear, mlp2x_gelu"):
+    with pytest.raises(ValueError, match="registered: linear, mlp2x_gelu, mlp2x_gelu_pool2"):
         build_llava_model(cfg)
 
 

@@ -83,5 +83,11 @@ def test_linear_projector_and_unknown_type():
     cfg = get_preset("minimind-v")  # linear 768 -> 512, 196 tokens per image
     assert projector_forward_flops(cfg, 2) == 2 * 768 * 512 * 196 * 2
     cfg.projector.type = "resampler"
-    with pytest.raises(ValueError, match="no FLOPs formula"):
+    with pytest.raises(ValueError, match="unknown projector.type 'resampler'; registered"):
         projector_forward_flops(cfg, 1)
+
+
+def test_pooled_projector_counts_its_own_tokens():
+    cfg = get_preset("debug-tiny")  # 4x4 patch grid of width 64 -> 2x2 pooled, LM width 64
+    cfg.projector.type = "mlp2x_gelu_pool2"
+    assert projector_forward_flops(cfg, 3) == 2 * (64 * 64 + 64 * 64) * 4 * 3
