@@ -166,7 +166,7 @@ def _segment_lengths(width: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tenso
     if bool((ends[:, -1] > s).any()):
         i = int((ends[:, -1] > s).nonzero()[0, 0])
         raise ValueError(f"sample {i}: packed seq_lens sum {int(ends[i, -1])} > row length {s}")
-    col = torch.arange(s, device=width.device).expand(b, s)
+    col = torch.arange(s, device=width.device).expand(b, s).contiguous()
     seg_id = torch.searchsorted(ends, col, right=True).clamp(max=k - 1)  # [b, s]
     extra = torch.zeros(b, k, dtype=torch.long, device=width.device)
     extra.scatter_add_(1, seg_id, width - 1)
