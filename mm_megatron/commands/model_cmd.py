@@ -25,9 +25,12 @@ def _summary(args: argparse.Namespace) -> int:
     cfg = get_preset(args.preset)
     par = ParallelConfig(tp=args.tp, pp=args.pp, first_stage_lm_layers=args.first_stage_lm_layers)
     from mm_megatron.parallel.layout import validate_layout
+    from mm_megatron.runtime import distributed
 
     validate_layout(cfg, par)
-    print(format_summary(cfg, par, args.preset))
+    with distributed.process_groups():  # the summary builds the TP=PP=1 model on `meta`
+        text = format_summary(cfg, par, args.preset)
+    print(text)
     return 0
 
 

@@ -8,14 +8,15 @@ constructor and forward signature). Unlike megatron's local attention it support
 * GQA without materialising repeated K/V (``enable_gqa``);
 * context parallelism: K and V are all-gathered over the CP group (autograd-aware: the backward
   reduce-scatters their gradients) and each rank's queries attend with the zig-zag causal mask of
-  the load-balanced split (rank r holds chunks r and 2*CP-1-r of every sequence; see
-  ``mm_megatron/parallel/cp_padding.py``);
+  the load-balanced split (rank r holds chunks r and 2*CP-1-r of every sequence; positions from
+  ``mm_megatron.parallel.cp_padding.zigzag_positions``, the same function that splits the input);
 * causal (LM) and unmasked (ViT) attention, chosen by ``attn_mask_type``.
 
 On GPU, SDPA dispatches to FlashAttention / memory-efficient kernels when no explicit mask is
 needed (non-CP, non-packed causal or unmasked attention).
 
-Not here: attention bias, sliding windows, softmax variants (use the TE spec).
+Not here: attention bias, sliding windows, softmax variants (use the TE spec); process groups
+from megatron's globals (the CP group arrives in ``pg_collection``).
 """
 
 from __future__ import annotations
@@ -31,30 +32,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-
-def zigzag_positions(
-    seq_lens: torch.Tensor, cp: int, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence id and in-sequence position of the tokens CP rank ``rank`` holds.
-
-    Each sequence ``i`` of (padded) length ``seq_lens[i]`` (a multiple of ``2*cp``) is cut into
-    ``2*cp`` chunks; rank r holds chunks r and 2*cp-1-r, in that order, sequences concatenated.
-
-    Returns:
-        (seq_id, pos), both long [sum(seq_lens) // cp].
-    """
-    ids, poss = [], []
-    for i, n in enumerate(seq_lens.tolist()):
-        if n % (2 * cp):
-            raise ValueError(f"sequence {i} has length {n}, not a multiple of 2*CP={2 * cp}")
-        c = n // (2 * cp)
-        for chunk in (rank, 2 * cp - 1 - rank):
-            poss.append(torch.arange(chunk * c, (chunk + 1) * c))
-            ids.append(torch.full((c,), i, dtype=torch.long))
-    if not poss:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty
-    return torch.cat(ids), torch.cat(poss)
+from mm_megatron.parallel.cp_padding import zigzag_positions
 
 
 def _block_mask(
@@ -70,7 +48,8 @@ def _block_mask(
 class SDPAttention(MegatronModule):
     """Core attention: softmax(QK^T * scale + mask) V via SDPA.
 
-    Args mirror megatron's ``DotProductAttention``; ``pg_collection.cp`` is the CP group.
+    Args mirror megatron's ``DotProductAttention``; ``pg_collection.cp`` is the CP group
+    (required when ``config.context_parallel_size > 1``; its rank is this rank's CP rank).
     """
 
     def __init__(
@@ -93,10 +72,22 @@ class SDPAttention(MegatronModule):
         )
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
-        self.cp_group = getattr(pg_collection, "cp", None)
         self.cp_size = config.context_parallel_size
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp_rank = 0
+        if self.cp_size > 1:
+            # NOTE: groups come in (megatron's SelfAttention passes the build's pg_collection);
+            # the rank is the given group's own answer, never megatron's globals.
+            if self.cp_group is None:
+                raise ValueError(
+                    f"SDPAttention: context_parallel_size={self.cp_size} needs pg_collection.cp"
+                )
+            if self.cp_group.size() != self.cp_size:
+                raise ValueError(
+                    f"SDPAttention: pg_collection.cp has {self.cp_group.size()} ranks but "
+                    f"context_parallel_size={self.cp_size}"
+                )
+            self.cp_rank = self.cp_group.rank()
         if cp_comm_type not in (None, "all_gather", "p2p", "a2a"):
             raise ValueError(f"SDPAttention: unsupported cp_comm_type {cp_comm_type!r}")
         self._mask_cache: dict = {}
@@ -110,9 +101,6 @@ class SDPAttention(MegatronModule):
             return False
         raise ValueError(f"SDPAttention: unsupported attn_mask_type {kind}")
 
-    def _cp_rank(self) -> int:
-        return torch.distributed.get_rank(self.cp_group) if self.cp_size > 1 else 0
-
     def _mask(
         self, seq_lens: torch.Tensor | None, total: int, causal: bool, device
     ) -> torch.Tensor | None:
@@ -121,19 +109,14 @@ class SDPAttention(MegatronModule):
             return None
         if seq_lens is None:
             seq_lens = torch.tensor([total * self.cp_size])
-        key = (tuple(seq_lens.tolist()), causal, self._cp_rank())
+        key = (tuple(seq_lens.tolist()), causal, self.cp_rank)
         if key not in self._mask_cache:
-            if self.cp_size == 1:
-                ids = torch.repeat_interleave(torch.arange(len(seq_lens)), seq_lens)
-                starts = torch.repeat_interleave(torch.cumsum(seq_lens, 0) - seq_lens, seq_lens)
-                pos = torch.arange(int(seq_lens.sum())) - starts
-                mask = _block_mask(ids, pos, ids, pos, causal)
-            else:
-                q_id, q_pos = zigzag_positions(seq_lens, self.cp_size, self._cp_rank())
-                ks = [zigzag_positions(seq_lens, self.cp_size, r) for r in range(self.cp_size)]
-                k_id = torch.cat([k[0] for k in ks])
-                k_pos = torch.cat([k[1] for k in ks])
-                mask = _block_mask(q_id, q_pos, k_id, k_pos, causal)
+            # Queries: this rank's tokens; keys: every rank's, in the all-gather's rank order.
+            q_id, q_pos = zigzag_positions(seq_lens, self.cp_size, self.cp_rank)
+            ks = [zigzag_positions(seq_lens, self.cp_size, r) for r in range(self.cp_size)]
+            k_id = torch.cat([k[0] for k in ks])
+            k_pos = torch.cat([k[1] for k in ks])
+            mask = _block_mask(q_id, q_pos, k_id, k_pos, causal)
             self._mask_cache.clear()  # one layout per step; keep memory bounded
             self._mask_cache[key] = mask.to(device)
         return self._mask_cache[key]

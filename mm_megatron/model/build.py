@@ -1,20 +1,23 @@
 """The one build function: decides the layout of a LLaVA model on this rank.
 
 Everything layout-dependent lives here: which pipeline stage(s) this rank runs (pre/post process,
-virtual stages), which stage holds the vision encoder and projector (the first), freezing, and
-the megatron TransformerConfigs for each stack. Model code receives the answers.
+virtual stages), this rank's TP/PP/CP ranks, which stage holds the vision encoder and projector
+(the first), freezing, activation recompute, and the megatron TransformerConfigs for each stack.
+Model code receives the answers. This is the one module under ``mm_megatron/model/`` that talks
+to ``torch.distributed`` (to read ranks from the process groups it is given or megatron's).
 """
 
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
+import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.config.parallel_config import ParallelConfig
 from mm_megatron.model.llava import LlavaModel
 from mm_megatron.model.transformer_configs import (
+    Recompute,
     lm_transformer_config,
     projector_transformer_config,
     vision_transformer_config,
@@ -35,6 +38,11 @@ def freeze(model: LlavaModel, *, vision: bool, projector: bool, lm: bool) -> Non
             p.requires_grad_(not frozen)
 
 
+def _group_rank(group, size: int) -> int:
+    """This process's rank in ``group`` (0 for a layout size of 1, where no group is needed)."""
+    return dist.get_rank(group) if size > 1 else 0
+
+
 def build_llava_model(
     cfg: LlavaConfig,
     par: ParallelConfig | None = None,
@@ -43,8 +51,12 @@ def build_llava_model(
     pg_collection: ProcessGroupCollection | None = None,
     pp_rank: int | None = None,
     vp_stage: int | None = None,
+    recompute: Recompute | None = None,
 ) -> LlavaModel:
     """Build this rank's part of the model. Requires megatron's parallel state.
+
+    The ranks the model needs (pipeline stage, TP rank for the vocab-padding mask, CP rank for
+    the zig-zag split) are read from the process groups here and passed in.
 
     Args:
         cfg: model config (validated here).
@@ -53,20 +65,21 @@ def build_llava_model(
         pg_collection: process groups; default megatron's global ones.
         pp_rank: pipeline rank; default from the pp group.
         vp_stage: virtual stage index for interleaved schedules.
+        recompute: activation recompute of the LM decoder (default off).
     """
     cfg.validate()
     par = par or ParallelConfig()
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     if pp_rank is None:
-        pp_rank = torch.distributed.get_rank(pg_collection.pp) if par.pp > 1 else 0
+        pp_rank = _group_rank(pg_collection.pp, par.pp)
     vp = par.virtual_pp or 1
     vstage = vp_stage or 0
     first = pp_rank == 0 and vstage == 0
     last = pp_rank == par.pp - 1 and vstage == vp - 1
     model = LlavaModel(
         cfg,
-        lm_transformer_config(cfg, par, dtype),
+        lm_transformer_config(cfg, par, dtype, recompute),
         vision_transformer_config(cfg, par, dtype),
         projector_transformer_config(cfg, par, dtype),
         pg_collection,
@@ -74,14 +87,12 @@ def build_llava_model(
         post_process=last,
         add_encoder=first,
         vp_stage=vp_stage,
+        pp_rank=pp_rank,
+        tp_rank=_group_rank(pg_collection.tp, par.tp),
+        cp_rank=_group_rank(pg_collection.cp, par.cp),
     )
     freeze(model, vision=cfg.freeze_vision, projector=cfg.freeze_projector, lm=cfg.freeze_lm)
     return model
-
-
-def current_pp_rank() -> int:
-    """This rank's pipeline stage (0 without pipeline parallelism)."""
-    return parallel_state.get_pipeline_model_parallel_rank()
 
 
 def build_model_chunks(
@@ -93,6 +104,7 @@ def build_model_chunks(
     overlap_grad_reduce: bool = False,
     use_distributed_optimizer: bool = False,
     pg_collection: ProcessGroupCollection | None = None,
+    recompute: Recompute | None = None,
 ) -> list:
     """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron DDP.
 
@@ -110,7 +122,12 @@ def build_model_chunks(
     vp = par.virtual_pp or 1
     chunks = [
         build_llava_model(
-            cfg, par, dtype=dtype, pg_collection=pg_collection, vp_stage=i if vp > 1 else None
+            cfg,
+            par,
+            dtype=dtype,
+            pg_collection=pg_collection,
+            vp_stage=i if vp > 1 else None,
+            recompute=recompute,
         )
         for i in range(vp)
     ]

@@ -35,13 +35,6 @@ from mm_megatron.model.vision import VisionEncoder
 from mm_megatron.parallel.cp_padding import CPPadder, DecoderInputs
 
 
-def _group_rank(pg_collection: ProcessGroupCollection, name: str) -> int:
-    group = getattr(pg_collection, name, None)
-    if group is None or not torch.distributed.is_initialized():
-        return 0
-    return torch.distributed.get_rank(group)
-
-
 class LlavaModel(MegatronModule):
     """Vision encoder + projector (first stage only) and a pipelined GPT language model.
 
@@ -53,6 +46,9 @@ class LlavaModel(MegatronModule):
         post_process: this stage computes logits/loss (last PP stage).
         add_encoder: this stage holds the vision encoder and projector.
         vp_stage: virtual pipeline stage index, if interleaved.
+        pp_rank: this rank's pipeline stage (which LM layers it builds).
+        tp_rank: this rank's TP rank (which vocab columns its output layer holds).
+        cp_rank: this rank's CP rank (which zig-zag chunks of the sequence it keeps).
     """
 
     def __init__(
@@ -67,6 +63,9 @@ class LlavaModel(MegatronModule):
         post_process: bool = True,
         add_encoder: bool = True,
         vp_stage: int | None = None,
+        pp_rank: int = 0,
+        tp_rank: int = 0,
+        cp_rank: int = 0,
     ):
         super().__init__(config=lm_config)
         self.cfg = cfg
@@ -75,6 +74,7 @@ class LlavaModel(MegatronModule):
         self.add_encoder = add_encoder
         self.pg_collection = pg_collection
         self.tp_size = lm_config.tensor_model_parallel_size
+        self.tp_rank = tp_rank
         self.sequence_parallel = lm_config.sequence_parallel
         self.padded_vocab_size = cfg.lm.padded_vocab_size(self.tp_size)
         self.language_model = GPTModel(
@@ -84,7 +84,7 @@ class LlavaModel(MegatronModule):
                 cfg.lm.spec,
                 lm_config,
                 vp_stage=vp_stage,
-                pp_rank=_group_rank(pg_collection, "pp"),
+                pp_rank=pp_rank,
             ),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.lm.max_position_embeddings,
@@ -122,7 +122,7 @@ class LlavaModel(MegatronModule):
             tp=self.tp_size,
             cp=lm_config.context_parallel_size,
             sequence_parallel=self.sequence_parallel,
-            cp_group=pg_collection.cp if lm_config.context_parallel_size > 1 else None,
+            cp_rank=cp_rank,
             tp_group=pg_collection.tp if self.sequence_parallel else None,
         )
 
@@ -235,7 +235,7 @@ class LlavaModel(MegatronModule):
             loss_mask = loss_mask[keep].unsqueeze(0)
         if emb is not None:
             emb = emb.transpose(0, 1).contiguous()  # [s, b, h]
-        return self.padder(emb, targets, loss_mask, seq_lengths=seg)
+        return self.padder.prepare(emb, targets, loss_mask, seq_lengths=seg)
 
     def forward(
         self,
@@ -274,7 +274,7 @@ class LlavaModel(MegatronModule):
             # a loss independent of TP): mask the padded columns, then the vocab-parallel CE.
             logits = out.transpose(0, 1)  # [b, s, v/tp] -> [s, b, v/tp]
             v_local = logits.shape[-1]
-            start = _group_rank(self.pg_collection, "tp") * v_local
+            start = self.tp_rank * v_local
             col = torch.arange(start, start + v_local, device=logits.device)
             logits = logits.masked_fill(
                 col >= self.cfg.lm.vocab_size, torch.finfo(logits.dtype).min

@@ -6,6 +6,10 @@ marked ``tensor_model_parallel`` split over TP along ``partition_dim``; the voca
 a multiple of ``make_vocab_size_divisible_by * TP``; LM layers split over PP stages (uneven first
 / last stage honoured); the first stage also holds the embedding, vision encoder and projector,
 the last the final norm and output layer (plus a copy of tied embeddings when PP > 1).
+
+Not here: starting process groups (the caller holds megatron's TP=PP=1 state while this builds;
+``mm-megatron model summary`` does it in ``commands/model_cmd.py``) or the stage-split arithmetic
+(``mm_megatron.parallel.layout.stage_layers``, shared with the layout check).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.config.parallel_config import ParallelConfig
 from mm_megatron.model.image_tokens import image_token_count
+from mm_megatron.parallel.layout import stage_layers
 
 _LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 _VOCAB = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
@@ -49,48 +54,24 @@ def _component(name: str) -> str:
 
 
 def collect_params(cfg: LlavaConfig) -> list[ParamInfo]:
-    """Build the TP=PP=1 model on the meta device and list its parameters."""
+    """Build the TP=PP=1 model on the meta device and list its parameters.
+
+    Needs megatron's parallel state at TP=PP=CP=1, which the caller sets up (e.g. ``with
+    mm_megatron.runtime.distributed.process_groups(): ...``); this module starts nothing.
+    """
     from mm_megatron.model.build import build_llava_model
-    from mm_megatron.runtime import distributed
 
-    distributed.initialize(ParallelConfig())
-    try:
-        with torch.device("meta"):
-            model = build_llava_model(cfg, ParallelConfig())
-        return [
-            ParamInfo(
-                n,
-                tuple(p.shape),
-                bool(getattr(p, "tensor_model_parallel", False)),
-                p.requires_grad,
-            )
-            for n, p in model.named_parameters()
-        ]
-    finally:
-        distributed.destroy()
-
-
-def stage_layers(num_layers: int, par: ParallelConfig) -> list[int]:
-    """LM layers on each pipeline stage (megatron's even / uneven-first-last split)."""
-    pp = par.pp
-    if pp == 1:
-        return [num_layers]
-    first, last = par.first_stage_lm_layers, par.last_stage_lm_layers
-    rest = num_layers - (first or 0) - (last or 0)
-    middle = pp - (first is not None) - (last is not None)
-    if middle and rest % middle:
-        raise ValueError(f"{rest} LM layers do not split evenly over {middle} middle stage(s)")
-    if not middle and rest:
-        raise ValueError("first/last stage layer counts do not add up to lm.num_layers")
-    each = rest // middle if middle else 0
-    out = [each] * pp
-    if first is not None:
-        out[0] = first
-    if last is not None:
-        out[-1] = last
-    if sum(out) != num_layers:
-        raise ValueError(f"stage layers {out} do not sum to lm.num_layers={num_layers}")
-    return out
+    with torch.device("meta"):
+        model = build_llava_model(cfg, ParallelConfig())
+    return [
+        ParamInfo(
+            n,
+            tuple(p.shape),
+            bool(getattr(p, "tensor_model_parallel", False)),
+            p.requires_grad,
+        )
+        for n, p in model.named_parameters()
+    ]
 
 
 def shard_numel(p: ParamInfo, cfg: LlavaConfig, tp: int) -> int:
@@ -122,7 +103,8 @@ def per_stage(cfg: LlavaConfig, params: list[ParamInfo], par: ParallelConfig) ->
 
 
 def format_summary(cfg: LlavaConfig, par: ParallelConfig, name: str = "") -> str:
-    """A human-readable table (what ``mm-megatron model summary`` prints)."""
+    """A human-readable table (what ``mm-megatron model summary`` prints); needs the parallel
+    state :func:`collect_params` needs."""
     params = collect_params(cfg)
     by_comp: dict[str, list[int]] = {}
     for p in params:

@@ -1,12 +1,16 @@
 """Turn mm_megatron model configs + a parallel layout into megatron-core ``TransformerConfig``s.
 
 One function per stack. This is the only place where our dataclasses meet megatron's config, so
-the mapping (activations, norms, biases, RoPE, GQA, fusions off on CPU) is reviewable in one screen.
+the mapping (activations, norms, biases, RoPE, GQA, fusions off, activation recompute) is
+reviewable in one screen. The fields that differ between a CPU (gloo) and a CUDA run come from the
+CPU runtime's one switch (``mm_megatron.runtime.cpu_runtime.transformer_config_accommodations``);
+nothing here asks torch where it runs.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,12 +20,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import LanguageConfig, LlavaConfig, VisionConfig
 from mm_megatron.config.parallel_config import ParallelConfig
+from mm_megatron.runtime import cpu_runtime
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 
 def _common(par: ParallelConfig, dtype: torch.dtype, init_std: float) -> dict[str, Any]:
-    on_cpu = not torch.cuda.is_available()
     return dict(
         tensor_model_parallel_size=par.tp,
         context_parallel_size=par.cp,
@@ -29,7 +33,6 @@ def _common(par: ParallelConfig, dtype: torch.dtype, init_std: float) -> dict[st
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
-        use_cpu_initialization=on_cpu,
         init_method_std=init_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -41,21 +44,55 @@ def _common(par: ParallelConfig, dtype: torch.dtype, init_std: float) -> dict[st
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
-        # NOTE: gloo matches point-to-point messages by (peer, tag) in posting order; a batched
-        # isend/irecv of an activation and a gradient between the same two ranks can then cross
-        # (equal shapes under the interleaved schedule). megatron's unbatched path orders the
-        # sends and receives of both peers consistently. NCCL keeps the batched path.
-        batch_p2p_comm=not on_cpu,
+        # CPU initialisation and unbatched pipeline p2p on the CPU runtime (gloo).
+        **cpu_runtime.transformer_config_accommodations(),
     )
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """Activation recompute of the language model, set in its TransformerConfig at build time.
+
+    Attributes:
+        granularity: None (off), ``full`` (whole layers) or ``selective`` (core attention only;
+            megatron's ``recompute_modules`` default ``["core_attn"]``).
+        method: ``uniform`` or ``block``; full recompute only.
+        num_layers: Layers per recompute unit (uniform) or recomputed layers per stage (block);
+            full recompute only.
+    """
+
+    granularity: str | None = None
+    method: str | None = None
+    num_layers: int | None = None
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """The ``recompute_*`` TransformerConfig fields (megatron validates them)."""
+        full = self.granularity == "full"
+        return dict(
+            recompute_granularity=self.granularity,
+            recompute_method=self.method if full else None,
+            recompute_num_layers=self.num_layers if full else None,
+        )
+
+
 def lm_transformer_config(
-    cfg: LlavaConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32
+    cfg: LlavaConfig,
+    par: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    recompute: Recompute | None = None,
 ) -> TransformerConfig:
-    """Config of the language decoder (pipelined over ``par.pp`` stages)."""
+    """Config of the language decoder (pipelined over ``par.pp`` stages).
+
+    Args:
+        cfg: The model.
+        par: The parallel layout.
+        dtype: Parameter dtype.
+        recompute: Activation recompute of the decoder layers (default off).
+    """
     lm: LanguageConfig = cfg.lm
     return TransformerConfig(
         **_common(par, dtype, cfg.init_method_std),
+        **(recompute or Recompute()).config_kwargs(),
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.virtual_pp,
         num_layers_in_first_pipeline_stage=par.first_stage_lm_layers,

@@ -3,23 +3,26 @@
 Runs after image-token expansion and before the language decoder. It:
 
 * computes the shard factor the combined image+text sequence must be a multiple of: the least
-  common multiple of the CP, SP and FP8 requirements (megatron's ``get_padding`` uses an elif
-  chain and drops the FP8 multiple whenever SP or CP is on);
+  common multiple of the CP and SP requirements (megatron's ``get_padding`` uses an elif chain;
+  an FP8 multiple of 16, 32 for MXFP8, joins the lcm when an FP8 recipe is configured, which no
+  config does yet);
 * pads BSHD rows at the end, and packed THD rows per sequence (embeddings with 0, labels with
-  -100, loss mask with 0, position ids continuing), and builds megatron's ``PackedSeqParams``;
+  -100, loss mask with 0), and builds megatron's ``PackedSeqParams``;
 * splits the sequence over CP ranks with causal load balancing (2*CP chunks, rank r keeps chunks
-  r and 2*CP-1-r; per sequence for THD), gives the global positions of a rank's tokens (for a
-  zig-zag causal mask), and gathers the split back (``cp_gather``, autograd-aware);
-* scatters the CP-local embeddings to the sequence-parallel region.
+  r and 2*CP-1-r; per sequence for THD). :func:`zigzag_positions` is the one implementation of
+  that split; the local attention's zig-zag causal mask (``mm_megatron/model/attention.py``)
+  uses it too;
+* scatters the CP-local embeddings to the sequence-parallel region (megatron's autograd op).
 
 It does NOT expand image tokens, build attention masks or rotary embeddings, split labels for SP
-(megatron's output layer gathers SP before the loss), or fetch process groups from megatron's
-globals: groups, ranks and sizes are arguments, and ``group=None`` / size-1 paths never touch
-``torch.distributed``. Megatron is imported lazily (``PackedSeqParams`` and the SP scatter op
-only), so importing this module is cheap.
+(megatron's output layer gathers SP before the loss), gather the split back (the decoder's output
+and per-token loss stay CP-local), or fetch process groups or ranks from megatron's globals:
+ranks, sizes and the TP group are arguments, and nothing here calls ``torch.distributed``
+directly. Megatron is imported lazily (``PackedSeqParams`` and the SP scatter op only), so
+importing this module is cheap.
 
-Layouts follow megatron: embeddings are sequence-first ``[s, b, h]``; labels, loss mask and
-position ids are ``[b, s]``. A packed THD row is ``[t, 1, h]`` / ``[1, t]`` (``b == 1``).
+Layouts follow megatron: embeddings are sequence-first ``[s, b, h]``; labels and loss mask are
+``[b, s]``. A packed THD row is ``[t, 1, h]`` / ``[1, t]`` (``b == 1``).
 """
 
 from __future__ import annotations
@@ -30,14 +33,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 if TYPE_CHECKING:  # pragma: no cover
     from megatron.core.packed_seq_params import PackedSeqParams
+    from torch.distributed import ProcessGroup
 
 IGNORE_INDEX = -100
-FP8_FACTOR = 16
-MXFP8_FACTOR = 32
 
 
 # --- arithmetic
@@ -52,18 +53,17 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def shard_factor(tp: int, cp: int, sequence_parallel: bool, fp8: str | None = None) -> int:
+def shard_factor(tp: int, cp: int, sequence_parallel: bool) -> int:
     """Multiple the combined (pre-split) sequence length must be padded to.
 
-    Applicable factors: ``2*cp*tp`` (SP and cp > 1), ``2*cp`` (cp > 1, no SP), ``tp`` (SP),
-    16 for FP8 (32 for ``"mxfp8"``). All that apply are combined by least common multiple.
+    Applicable factors: ``2*cp*tp`` (SP and cp > 1), ``2*cp`` (cp > 1, no SP), ``tp`` (SP).
+    All that apply are combined by least common multiple, so a further requirement (FP8: 16,
+    MXFP8: 32) is one more entry in the list, never lost to an elif chain.
 
     Args:
         tp: Tensor-parallel size of the language model (>= 1).
         cp: Context-parallel size (>= 1).
         sequence_parallel: Whether sequence parallelism is on (only matters with tp > 1).
-        fp8: None for no FP8, else the FP8 format/recipe name (``"e4m3"``, ``"hybrid"``,
-            ``"delayed"``, ...); ``"mxfp8"`` needs 32, any other name 16.
 
     Returns:
         The shard factor (>= 1).
@@ -73,18 +73,11 @@ def shard_factor(tp: int, cp: int, sequence_parallel: bool, fp8: str | None = No
     if not isinstance(sequence_parallel, bool):
         msg = f"sequence_parallel must be a bool, got {sequence_parallel!r}"
         raise ValueError(msg)  # noqa: TRY004
-    if fp8 is not None and (not isinstance(fp8, str) or not fp8):
-        raise ValueError(
-            f"fp8 must be None or a non-empty FP8 format/recipe name ('e4m3', 'hybrid', "
-            f"'delayed', 'mxfp8', ...), got {fp8!r}"
-        )
     factors = [1]
     if cp > 1:
         factors.append(2 * cp * tp if sequence_parallel else 2 * cp)
     if sequence_parallel:
         factors.append(tp)
-    if fp8 is not None:
-        factors.append(MXFP8_FACTOR if fp8.lower() == "mxfp8" else FP8_FACTOR)
     return math.lcm(*factors)
 
 
@@ -93,11 +86,6 @@ def padding_for(length: int, factor: int) -> int:
     _check_int("length", length, 0)
     _check_int("factor", factor, 1)
     return -length % factor
-
-
-def padded_length(length: int, factor: int) -> int:
-    """``length`` rounded up to a multiple of ``factor`` (see ``padding_for``)."""
-    return length + padding_for(length, factor)
 
 
 # --- padding
@@ -111,7 +99,6 @@ class PaddedBatch:
         embeddings: ``[s_pad, b, h]``, pad rows are 0.
         labels: ``[b, s_pad]``, pad is ``IGNORE_INDEX`` (-100).
         loss_mask: ``[b, s_pad]``, pad is 0.
-        position_ids: ``[b, s_pad]``, pad continues from the last valid id.
         padding: Tokens added (THD: summed over the sequences).
         cu_seqlens: THD only: int32 ``[n + 1]`` cumulative valid lengths.
         cu_seqlens_padded: THD only: int32 ``[n + 1]`` cumulative padded lengths.
@@ -120,7 +107,6 @@ class PaddedBatch:
     embeddings: torch.Tensor | None
     labels: torch.Tensor | None
     loss_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None
     padding: int
     cu_seqlens: torch.Tensor | None = None
     cu_seqlens_padded: torch.Tensor | None = None
@@ -136,14 +122,14 @@ def pad_along(x: torch.Tensor, dim: int, padding: int, value) -> torch.Tensor:
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
-def _check_shapes(embeddings, labels, loss_mask, position_ids) -> tuple[int, int]:
+def _check_shapes(embeddings, labels, loss_mask) -> tuple[int, int]:
     """Returns (s, b) after checking ``[s, b, h]`` embeddings against ``[b, s]`` tensors."""
     seq = batch = None
     if embeddings is not None:
         if embeddings.dim() < 2:
             raise ValueError(f"embeddings must be [s, b, h], got shape {tuple(embeddings.shape)}")
         seq, batch = embeddings.shape[0], embeddings.shape[1]
-    for name, t in (("labels", labels), ("loss_mask", loss_mask), ("position_ids", position_ids)):
+    for name, t in (("labels", labels), ("loss_mask", loss_mask)):
         if t is None:
             continue
         if t.dim() != 2:
@@ -156,7 +142,7 @@ def _check_shapes(embeddings, labels, loss_mask, position_ids) -> tuple[int, int
                 "(embeddings are [s, b, h])"
             )
     if seq is None:
-        raise ValueError("need at least one of embeddings, labels, loss_mask, position_ids")
+        raise ValueError("need at least one of embeddings, labels, loss_mask")
     return seq, batch
 
 
@@ -164,35 +150,25 @@ def pad_bshd(
     embeddings: torch.Tensor | None,
     labels: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
     *,
     factor: int,
 ) -> PaddedBatch:
     """Pad a BSHD batch at the end of the sequence to a multiple of ``factor``.
 
-    Position ids continue (``last + 1, last + 2, ...``) rather than being 0: with causal
-    attention valid tokens never attend to the trailing pads, and monotonic ids keep pads from
-    looking like the start of a new sequence to position-based masks or packers.
-
     Args:
         embeddings: ``[s, b, h]`` or None.
-        labels, loss_mask, position_ids: ``[b, s]`` or None.
+        labels, loss_mask: ``[b, s]`` or None.
         factor: Shard factor (see ``shard_factor``).
 
     Returns:
-        A ``PaddedBatch`` of sequence length ``padded_length(s, factor)``.
+        A ``PaddedBatch`` of sequence length ``s + padding_for(s, factor)``.
     """
-    seq, _ = _check_shapes(embeddings, labels, loss_mask, position_ids)
+    seq, _ = _check_shapes(embeddings, labels, loss_mask)
     pad = padding_for(seq, factor)
-    pos = position_ids
-    if pos is not None and pad:
-        start = pos[:, -1:] + 1 if seq else pos.new_zeros(pos.shape[0], 1)
-        pos = torch.cat([pos, start + torch.arange(pad, device=pos.device, dtype=pos.dtype)], 1)
     return PaddedBatch(
         embeddings=None if embeddings is None else pad_along(embeddings, 0, pad, 0),
         labels=None if labels is None else pad_along(labels, 1, pad, IGNORE_INDEX),
         loss_mask=None if loss_mask is None else pad_along(loss_mask, 1, pad, 0),
-        position_ids=pos,
         padding=pad,
     )
 
@@ -231,19 +207,17 @@ def pad_thd(
     embeddings: torch.Tensor | None,
     labels: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor,
     factor: int,
 ) -> PaddedBatch:
     """Pad every sequence of a packed (THD) row to a multiple of ``factor``.
 
-    Each sequence's pads follow its valid tokens. Position ids, if given, continue within each
-    sequence from its last valid id (they are never reset, see ``pad_bshd``).
+    Each sequence's pads follow its valid tokens.
 
     Args:
         embeddings: ``[t, 1, h]`` or None, ``t == cu_seqlens[-1]``.
-        labels, loss_mask, position_ids: ``[1, t]`` or None.
+        labels, loss_mask: ``[1, t]`` or None.
         cu_seqlens: int ``[n + 1]`` cumulative valid lengths with a leading 0.
         factor: Shard factor, applied to each sequence.
 
@@ -252,7 +226,7 @@ def pad_thd(
         ``cu_seqlens_padded`` on the device of ``cu_seqlens``.
     """
     _check_int("factor", factor, 1)
-    seq, batch = _check_shapes(embeddings, labels, loss_mask, position_ids)
+    seq, batch = _check_shapes(embeddings, labels, loss_mask)
     if batch != 1:
         raise ValueError(f"packed (THD) inputs must have batch size 1, got {batch}")
     lengths = _seq_lengths(cu_seqlens, "cu_seqlens")
@@ -267,8 +241,7 @@ def pad_thd(
     # Per slot of the padded row: its sequence, offset inside it, and whether it is a pad.
     seq_of_slot = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), padded)
     offset = torch.arange(total, device=dev) - cu_padded[:-1].to(torch.int64)[seq_of_slot]
-    is_pad = offset >= lengths[seq_of_slot]
-    dest = torch.nonzero(~is_pad).reshape(-1)  # slot of each valid token, in packed order
+    dest = torch.nonzero(offset < lengths[seq_of_slot]).reshape(-1)  # slot of each valid token
 
     def scatter(x: torch.Tensor | None, dim: int, value) -> torch.Tensor | None:
         if x is None:
@@ -277,18 +250,10 @@ def pad_thd(
         shape[dim] = total
         return x.new_full(shape, value).index_copy(dim, dest.to(x.device), x)
 
-    pos = scatter(position_ids, 1, 0)
-    if pos is not None and total > seq:
-        pdev = position_ids.device
-        last = position_ids[0, (cu_seqlens[1:] - 1).to(device=pdev, dtype=torch.int64)]
-        seq_p = seq_of_slot[is_pad].to(pdev)
-        step = offset[is_pad].to(pdev) - lengths.to(pdev)[seq_p] + 1  # 1, 2, ... per sequence
-        pos[0, is_pad.to(pdev)] = last[seq_p] + step.to(pos.dtype)
     return PaddedBatch(
         embeddings=scatter(embeddings, 0, 0),  # [t_pad, 1, h]
         labels=scatter(labels, 1, IGNORE_INDEX),  # [1, t_pad]
         loss_mask=scatter(loss_mask, 1, 0),
-        position_ids=pos,
         padding=total - seq,
         cu_seqlens=cu_seqlens.to(torch.int32),
         cu_seqlens_padded=cu_padded,
@@ -330,7 +295,7 @@ def build_packed_seq_params(
     )
 
 
-# --- CP split / gather
+# --- CP split
 
 
 def _check_rank(size_name: str, size: int, rank: int) -> None:
@@ -341,26 +306,51 @@ def _check_rank(size_name: str, size: int, rank: int) -> None:
         raise ValueError(f"{rank_name}={rank} out of range for {size_name}={size}")
 
 
-def _zigzag(starts: torch.Tensor, lens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Global indices of chunks r and 2cp-1-r of every sequence (start, padded length)."""
+def zigzag_positions(
+    seq_lens: torch.Tensor, cp_size: int, cp_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence id and in-sequence position of the tokens CP rank ``cp_rank`` holds.
+
+    Each sequence ``i`` of (padded) length ``seq_lens[i]`` (a multiple of ``2*cp_size``) is cut
+    into ``2*cp_size`` chunks; rank r holds chunks r and 2*cp_size-1-r, in that order, sequences
+    concatenated. With ``cp_size == 1`` every token, in order. Vectorised (no Python loop over
+    sequences).
+
+    Args:
+        seq_lens: int ``[n]`` padded sequence lengths.
+        cp_size: Context-parallel size.
+        cp_rank: Rank in the CP group.
+
+    Returns:
+        (seq_id, pos), both int64 ``[sum(seq_lens) // cp_size]``.
+    """
+    _check_rank("cp_size", cp_size, cp_rank)
+    lens = torch.as_tensor(seq_lens).to(torch.int64).reshape(-1)
+    if cp_size == 1:  # no split: every token, in order, any lengths
+        seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+        starts = (torch.cumsum(lens, 0) - lens)[seq_id]
+        return seq_id, torch.arange(int(lens.sum()), device=lens.device) - starts
+    bad = torch.nonzero(lens % (2 * cp_size)).reshape(-1)
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"sequence {i} has length {int(lens[i])}, not a multiple of 2*CP={2 * cp_size}"
+        )
     dev = lens.device
     chunk = lens // (2 * cp_size)
     local = 2 * chunk  # tokens per sequence on this rank
-    seq_of = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), local)
-    j = torch.arange(int(local.sum()), device=dev) - (torch.cumsum(local, 0) - local)[seq_of]
-    c = chunk[seq_of]
+    seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), local)
+    j = torch.arange(int(local.sum()), device=dev) - (torch.cumsum(local, 0) - local)[seq_id]
+    c = chunk[seq_id]
     second = j >= c
     chunk_id = torch.where(second, 2 * cp_size - 1 - cp_rank, cp_rank)
-    return starts[seq_of] + chunk_id * c + torch.where(second, j - c, j)
+    return seq_id, chunk_id * c + torch.where(second, j - c, j)
 
 
 def thd_cp_local_indices(
     cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int
 ) -> torch.Tensor:
     """Row positions CP rank ``cp_rank`` keeps: the zig-zag split applied to each sequence.
-
-    For a returned index ``i``, its sequence is ``bucketize(i, cu_seqlens_padded[1:],
-    right=True)`` and its position in that sequence ``i - cu_seqlens_padded[seq]``.
 
     Args:
         cu_seqlens_padded: int ``[n + 1]`` cumulative padded lengths of the global row; each
@@ -372,38 +362,12 @@ def thd_cp_local_indices(
         int64 ``[cu_seqlens_padded[-1] / cp_size]``, sequence by sequence, chunk ``cp_rank``
         then chunk ``2*cp_size-1-cp_rank`` of each.
     """
-    _check_rank("cp_size", cp_size, cp_rank)
     lens = _seq_lengths(cu_seqlens_padded, "cu_seqlens_padded")
-    if cp_size == 1:
-        return torch.arange(int(lens.sum()), device=lens.device)
-    bad = torch.nonzero(lens % (2 * cp_size)).reshape(-1)
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(
-            f"cu_seqlens_padded: sequence {i} has length {int(lens[i])}, which is not divisible "
-            f"by 2*CP={2 * cp_size} after padding"
-        )
-    return _zigzag(cu_seqlens_padded[:-1].to(torch.int64), lens, cp_size, cp_rank)
-
-
-def cp_local_indices(
-    seq_len: int, cp_size: int, cp_rank: int, device: torch.device | None = None
-) -> torch.Tensor:
-    """Global positions ``[seq_len / cp_size]`` (int64) of the tokens CP rank ``cp_rank`` keeps.
-
-    One sequence (BSHD): chunk ``cp_rank`` then chunk ``2*cp_size-1-cp_rank`` of ``2*cp_size``;
-    ``seq_len`` must be divisible by ``2 * cp_size``.
-    """
-    _check_rank("cp_size", cp_size, cp_rank)
-    _check_int("seq_len", seq_len, 0)
-    if cp_size == 1:
-        return torch.arange(seq_len, device=device)
-    if seq_len % (2 * cp_size):
-        raise ValueError(
-            f"sequence length {seq_len} is not divisible by 2*CP={2 * cp_size} after padding"
-        )
-    lens = torch.full((1,), seq_len, dtype=torch.int64, device=device)
-    return _zigzag(torch.zeros_like(lens), lens, cp_size, cp_rank)
+    try:
+        seq_id, pos = zigzag_positions(lens, cp_size, cp_rank)
+    except ValueError as e:
+        raise ValueError(f"cu_seqlens_padded: {e}") from None
+    return cu_seqlens_padded[:-1].to(torch.int64)[seq_id] + pos
 
 
 def cp_split(
@@ -414,6 +378,8 @@ def cp_split(
     cu_seqlens_padded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Keep this CP rank's load-balanced part of ``x`` along ``seq_dim`` (autograd-safe).
+
+    The kept positions are :func:`zigzag_positions` of each sequence (the whole row for BSHD).
 
     Args:
         x: Full padded tensor, e.g. ``[s, b, h]`` (``seq_dim=0``) or ``[b, s]`` (``seq_dim=1``).
@@ -429,120 +395,38 @@ def cp_split(
     if cp_size == 1:
         return x
     seq_len = x.shape[seq_dim]
-    if cu_seqlens_padded is not None:
-        if int(cu_seqlens_padded[-1]) != seq_len:
+    if cu_seqlens_padded is None:  # BSHD: the row is one sequence
+        if seq_len % (2 * cp_size):
             raise ValueError(
-                f"cu_seqlens_padded[-1] = {int(cu_seqlens_padded[-1])} does not match the "
-                f"sequence length {seq_len} of x (dim {seq_dim})"
+                f"sequence length {seq_len} of x (dim {seq_dim}) is not divisible by "
+                f"2*CP={2 * cp_size} after padding"
             )
-        idx = thd_cp_local_indices(cu_seqlens_padded, cp_size, cp_rank).to(x.device)
-        return x.index_select(seq_dim, idx)
-    if seq_len % (2 * cp_size):
+        cu_seqlens_padded = torch.tensor([0, seq_len], device=x.device)
+    elif int(cu_seqlens_padded[-1]) != seq_len:
         raise ValueError(
-            f"sequence length {seq_len} of x (dim {seq_dim}) is not divisible by "
-            f"2*CP={2 * cp_size} after padding"
+            f"cu_seqlens_padded[-1] = {int(cu_seqlens_padded[-1])} does not match the "
+            f"sequence length {seq_len} of x (dim {seq_dim})"
         )
-    c = seq_len // (2 * cp_size)
-    first = x.narrow(seq_dim, cp_rank * c, c)
-    second = x.narrow(seq_dim, (2 * cp_size - 1 - cp_rank) * c, c)
-    return torch.cat([first, second], dim=seq_dim)
-
-
-class _CPGather(torch.autograd.Function):
-    """All-gather along the sequence dim and undo the zig-zag permutation."""
-
-    @staticmethod
-    def forward(ctx, x, seq_dim, group, cu_seqlens_padded, grad_reduce):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        x0 = x.movedim(seq_dim, 0).contiguous()  # [s/cp, ...]
-        parts = [torch.empty_like(x0) for _ in range(world)]
-        dist.all_gather(parts, x0, group=group)
-        full_len = x0.shape[0] * world
-        if cu_seqlens_padded is None:
-            per_rank = [cp_local_indices(full_len, world, r, x.device) for r in range(world)]
-        else:
-            cu = cu_seqlens_padded.to(x.device)
-            per_rank = [thd_cp_local_indices(cu, world, r) for r in range(world)]
-        full = x0.new_empty((full_len, *x0.shape[1:]))  # [s, ...]
-        full[torch.cat(per_rank)] = torch.cat(parts)
-        ctx.seq_dim, ctx.group, ctx.grad_reduce = seq_dim, group, grad_reduce
-        ctx.save_for_backward(per_rank[rank])
-        return full.movedim(0, seq_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mine,) = ctx.saved_tensors
-        g0 = grad.movedim(ctx.seq_dim, 0).contiguous()  # [s, ...]
-        if ctx.grad_reduce:
-            dist.all_reduce(g0, op=dist.ReduceOp.SUM, group=ctx.group)
-        return g0.index_select(0, mine).movedim(0, ctx.seq_dim), None, None, None, None
-
-
-def cp_gather(
-    x: torch.Tensor,
-    seq_dim: int,
-    cp_group: dist.ProcessGroup | None,
-    cu_seqlens_padded: torch.Tensor | None = None,
-    grad_reduce: bool = False,
-) -> torch.Tensor:
-    """Inverse of ``cp_split``: all-gather over the CP group and restore sequence order.
-
-    Autograd-aware. Backward returns this rank's slice of the incoming gradient. Keep
-    ``grad_reduce=False`` when every rank computes the same function of the gathered tensor;
-    pass True when ranks compute different things, so the gradients are summed over the group
-    first (the all-gather's true adjoint, a reduce-scatter).
-
-    Args:
-        x: This rank's part, e.g. ``[s/cp, b, h]``; same shape on every rank.
-        seq_dim: Sequence dimension of ``x``.
-        cp_group: CP process group; None (or a size-1 group) returns ``x`` unchanged, without
-            touching ``torch.distributed`` for None.
-        cu_seqlens_padded: THD only: the global cumulative padded lengths (same on all ranks).
-        grad_reduce: Sum gradients over the CP group in backward.
-
-    Returns:
-        The full tensor, e.g. ``[s, b, h]``.
-    """
-    if cp_group is None or dist.get_world_size(cp_group) == 1:
-        return x
-    return _CPGather.apply(x, seq_dim, cp_group, cu_seqlens_padded, grad_reduce)
+    idx = thd_cp_local_indices(cu_seqlens_padded, cp_size, cp_rank).to(x.device)
+    return x.index_select(seq_dim, idx)
 
 
 # --- SP scatter
 
 
-def sp_split(x: torch.Tensor, tp_size: int, tp_rank: int, seq_dim: int = 0) -> torch.Tensor:
-    """Keep contiguous chunk ``tp_rank`` of ``tp_size`` along ``seq_dim``: plain slicing.
-
-    The forward of megatron's ``scatter_to_sequence_parallel_region`` with no communication in
-    backward: for data or tests; inside a model use ``scatter_to_sequence_parallel``. Maps e.g.
-    ``[s/cp, b, h]`` to ``[s/(cp*tp), b, h]``.
-    """
-    _check_rank("tp_size", tp_size, tp_rank)
-    seq_len = x.shape[seq_dim]
-    if seq_len % tp_size:
-        raise ValueError(
-            f"local sequence length {seq_len} (dim {seq_dim}) is not divisible by TP={tp_size}"
-        )
-    c = seq_len // tp_size
-    return x.narrow(seq_dim, tp_rank * c, c)
-
-
-def scatter_to_sequence_parallel(
-    x: torch.Tensor, tp_group: dist.ProcessGroup | None
-) -> torch.Tensor:
+def scatter_to_sequence_parallel(x: torch.Tensor, tp_group: ProcessGroup | None) -> torch.Tensor:
     """Scatter ``x`` ``[s, b, h]`` to the sequence-parallel region: ``[s/tp, b, h]``.
 
     For a ``tp_group`` of size > 1 this is megatron's autograd op
     ``tensor_parallel.mappings.scatter_to_sequence_parallel_region`` (forward: keep dim-0 chunk
-    tp_rank; backward: all-gather dim 0, which megatron allocates on the current CUDA device, so
-    backward needs CUDA). None or a size-1 group returns ``x``.
+    tp_rank; backward: all-gather dim 0). None or a size-1 group returns ``x``.
     """
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
+    if tp_group is None or tp_group.size() == 1:
         return x
-    world = dist.get_world_size(tp_group)
-    if x.shape[0] % world:
-        raise ValueError(f"sequence length {x.shape[0]} (dim 0) is not divisible by TP={world}")
+    if x.shape[0] % tp_group.size():
+        raise ValueError(
+            f"sequence length {x.shape[0]} (dim 0) is not divisible by TP={tp_group.size()}"
+        )
     from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 
     return scatter_to_sequence_parallel_region(x, group=tp_group)
@@ -559,23 +443,15 @@ class DecoderInputs:
         embeddings: ``[s_pad/(cp*tp), b, h]`` after the SP scatter, else ``[s_pad/cp, b, h]``.
         labels: ``[b, s_pad/cp]`` (not SP-split: the output layer gathers SP before the loss).
         loss_mask: ``[b, s_pad/cp]``.
-        position_ids: ``[b, s_pad/cp]``, the padded ids of the kept tokens.
         packed_seq_params: THD only, describing the global padded row.
-        local_indices: ``[s_pad/cp]`` global (padded-row) position of each CP-local token.
         padded_seq_len: Global padded length ``s_pad``.
-        padding: Tokens added before the split.
-        factor: The shard factor used.
     """
 
     embeddings: torch.Tensor | None
     labels: torch.Tensor | None
     loss_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None
     packed_seq_params: PackedSeqParams | None
-    local_indices: torch.Tensor
     padded_seq_len: int
-    padding: int
-    factor: int
 
 
 @dataclass(frozen=True)
@@ -586,134 +462,87 @@ class CPPadder:
         tp: Tensor-parallel size of the language model.
         cp: Context-parallel size.
         sequence_parallel: Sequence parallelism on.
-        fp8: None or the FP8 format/recipe name (see ``shard_factor``).
-        cp_rank: Rank in the CP group; taken from ``cp_group`` when None.
-        cp_group: CP process group (for ``gather``, and the rank when ``cp_rank`` is None).
-        tp_group: TP group for the autograd SP scatter; without it ``tp_rank`` slicing is used.
-        tp_rank: Rank in the TP group when there is no ``tp_group``.
+        cp_rank: This process's rank in the CP group.
+        tp_group: TP group of megatron's autograd SP scatter; required for SP with tp > 1.
     """
 
     tp: int = 1
     cp: int = 1
     sequence_parallel: bool = False
-    fp8: str | None = None
-    cp_rank: int | None = None
-    cp_group: dist.ProcessGroup | None = None
-    tp_group: dist.ProcessGroup | None = None
-    tp_rank: int | None = None
+    cp_rank: int = 0
+    tp_group: ProcessGroup | None = None
+
+    def __post_init__(self):
+        _check_rank("cp_size", self.cp, self.cp_rank)
+        if self.sequence_parallel and self.tp > 1:
+            if self.tp_group is None:
+                raise ValueError(f"sequence_parallel with tp={self.tp} needs tp_group")
+            if self.tp_group.size() != self.tp:
+                raise ValueError(f"tp_group has {self.tp_group.size()} ranks but tp={self.tp}")
 
     @property
     def factor(self) -> int:
         """The shard factor of this configuration."""
-        return shard_factor(self.tp, self.cp, self.sequence_parallel, self.fp8)
+        return shard_factor(self.tp, self.cp, self.sequence_parallel)
 
-    def _cp_rank(self) -> int:
-        if self.cp_group is not None:
-            size, rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
-            if size != self.cp:
-                raise ValueError(f"cp_group has {size} ranks but cp={self.cp}")
-            if self.cp_rank is not None and self.cp_rank != rank:
-                raise ValueError(f"cp_rank={self.cp_rank} but this is rank {rank} of cp_group")
-            return rank
-        if self.cp_rank is None:
-            if self.cp > 1:
-                raise ValueError(f"cp={self.cp} needs cp_rank or cp_group")
-            return 0
-        _check_rank("cp_size", self.cp, self.cp_rank)
-        return self.cp_rank
+    def pad_and_split(
+        self,
+        embeddings: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        *,
+        seq_lengths: Sequence[int] | torch.Tensor | None = None,
+    ) -> DecoderInputs:
+        """Pad to the shard factor and keep this CP rank's part (no SP scatter).
 
-    def _sp_scatter(self, emb: torch.Tensor) -> torch.Tensor:
-        if not self.sequence_parallel or self.tp == 1:
-            return emb
-        if self.tp_group is not None:
-            if dist.get_world_size(self.tp_group) != self.tp:
-                size = dist.get_world_size(self.tp_group)
-                raise ValueError(f"tp_group has {size} ranks but tp={self.tp}")
-            return scatter_to_sequence_parallel(emb, self.tp_group)
-        if self.tp_rank is None:
-            raise ValueError(f"sequence_parallel with tp={self.tp} needs tp_group or tp_rank")
-        return sp_split(emb, self.tp, self.tp_rank, seq_dim=0)
+        ``seq_lengths`` (valid lengths of the sequences packed in a ``b == 1`` row) selects
+        THD: each sequence is padded and split on its own and ``packed_seq_params`` is built.
+        Otherwise every BSHD row is one sequence, padded at the end.
+
+        Args:
+            embeddings: ``[s, b, h]`` or None (e.g. on the last pipeline stage).
+            labels, loss_mask: ``[b, s]`` or None.
+            seq_lengths: THD per-sequence valid lengths.
+
+        Returns:
+            ``DecoderInputs`` with embeddings ``[s_pad/cp, b, h]``.
+        """
+        s = _check_shapes(embeddings, labels, loss_mask)[0]
+        device = next(t for t in (embeddings, labels, loss_mask) if t is not None).device
+        if seq_lengths is None:
+            batch = pad_bshd(embeddings, labels, loss_mask, factor=self.factor)
+            cu_pad = params = None
+        else:
+            cu = cu_seqlens_from_lengths(seq_lengths, device)
+            batch = pad_thd(embeddings, labels, loss_mask, cu_seqlens=cu, factor=self.factor)
+            cu_pad = batch.cu_seqlens_padded
+            params = build_packed_seq_params(batch.cu_seqlens, cu_pad)
+
+        def split(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+            return None if t is None else cp_split(t, dim, self.cp, self.cp_rank, cu_pad)
+
+        return DecoderInputs(
+            embeddings=split(batch.embeddings, 0),  # [s/cp, b, h]
+            labels=split(batch.labels, 1),  # [b, s/cp]
+            loss_mask=split(batch.loss_mask, 1),  # [b, s/cp]
+            packed_seq_params=params,
+            padded_seq_len=s + batch.padding,
+        )
 
     def prepare(
         self,
         embeddings: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
         *,
         seq_lengths: Sequence[int] | torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        scatter_sp: bool = True,
     ) -> DecoderInputs:
-        """Pad, split over CP and scatter the embeddings to the SP region.
-
-        ``seq_lengths`` or ``cu_seqlens`` (valid lengths of the sequences packed in a ``b == 1``
-        row) select THD: each sequence is padded and split on its own and ``packed_seq_params``
-        is built. Otherwise every BSHD row is one sequence, padded at the end.
-
-        Args:
-            embeddings: ``[s, b, h]`` or None (e.g. on the last pipeline stage).
-            labels, loss_mask, position_ids: ``[b, s]`` or None.
-            seq_lengths: THD per-sequence valid lengths.
-            cu_seqlens: THD cumulative valid lengths with a leading 0 (instead of seq_lengths).
-            scatter_sp: Scatter the embeddings to the SP region when SP is on.
+        """:meth:`pad_and_split`, then scatter the embeddings to the SP region when SP is on.
 
         Returns:
-            ``DecoderInputs``.
+            ``DecoderInputs`` with embeddings ``[s_pad/(cp*tp), b, h]`` under SP.
         """
-        if seq_lengths is not None and cu_seqlens is not None:
-            raise ValueError("pass either seq_lengths or cu_seqlens, not both")
-        factor, rank = self.factor, self._cp_rank()
-        s = _check_shapes(embeddings, labels, loss_mask, position_ids)[0]
-        given = [t for t in (embeddings, labels, loss_mask, position_ids) if t is not None]
-        device = given[0].device
-        if seq_lengths is not None:
-            cu_seqlens = cu_seqlens_from_lengths(seq_lengths, device)
-        if cu_seqlens is None:
-            batch = pad_bshd(embeddings, labels, loss_mask, position_ids, factor=factor)
-            cu_pad = params = None
-        else:
-            batch = pad_thd(
-                embeddings, labels, loss_mask, position_ids, cu_seqlens=cu_seqlens, factor=factor
-            )
-            cu_pad = batch.cu_seqlens_padded
-            params = build_packed_seq_params(batch.cu_seqlens, cu_pad)
-        s_pad = s + batch.padding
-        if cu_pad is None:
-            local = cp_local_indices(s_pad, self.cp, rank, device)
-        else:
-            local = thd_cp_local_indices(cu_pad, self.cp, rank)
-
-        def split(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
-            return None if t is None else cp_split(t, dim, self.cp, rank, cu_pad)
-
-        emb = split(batch.embeddings, 0)  # [s/cp, b, h]
-        if emb is not None and scatter_sp:
-            emb = self._sp_scatter(emb)  # [s/(cp*tp), b, h]
-        return DecoderInputs(
-            embeddings=emb,
-            labels=split(batch.labels, 1),  # [b, s/cp]
-            loss_mask=split(batch.loss_mask, 1),  # [b, s/cp]
-            position_ids=split(batch.position_ids, 1),  # [b, s/cp]
-            packed_seq_params=params,
-            local_indices=local,
-            padded_seq_len=s_pad,
-            padding=batch.padding,
-            factor=factor,
-        )
-
-    __call__ = prepare
-
-    def gather(
-        self,
-        x: torch.Tensor,
-        seq_dim: int,
-        cu_seqlens_padded: torch.Tensor | None = None,
-        grad_reduce: bool = False,
-    ) -> torch.Tensor:
-        """``cp_gather`` over this configuration's CP group (identity when cp == 1)."""
-        if self.cp == 1:
-            return x
-        if self.cp_group is None:
-            raise ValueError(f"gather with cp={self.cp} needs cp_group")
-        return cp_gather(x, seq_dim, self.cp_group, cu_seqlens_padded, grad_reduce)
+        out = self.pad_and_split(embeddings, labels, loss_mask, seq_lengths=seq_lengths)
+        if out.embeddings is not None and self.sequence_parallel:
+            out.embeddings = scatter_to_sequence_parallel(out.embeddings, self.tp_group)
+        return out

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.config.parallel_config import ParallelConfig
-from mm_megatron.runtime.distributed import LayoutError, check_world_size
+from mm_megatron.runtime.distributed import LayoutError, check_parallel_sizes, check_world_size
 
-__all__ = ["LayoutError", "validate_layout"]
+__all__ = ["LayoutError", "stage_layers", "validate_layout"]
 
 
 def _divisible(what: str, value: int, by: int, by_name: str) -> None:
@@ -35,8 +35,8 @@ def validate_layout(
     """
     if world_size is not None:
         check_world_size(par, world_size)
-    elif par.sequence_parallel and par.tp == 1:
-        raise LayoutError("--sequence-parallel needs TP > 1")
+    else:
+        check_parallel_sizes(par)
     lm, v = cfg.lm, cfg.vision
     _divisible("lm.num_attention_heads", lm.num_attention_heads, par.tp, "TP")
     _divisible("lm.num_query_groups", lm.kv_groups, par.tp, "TP")
@@ -55,21 +55,41 @@ def validate_layout(
 def _check_pipeline(num_layers: int, par: ParallelConfig) -> None:
     if par.pp == 1:
         if par.virtual_pp not in (None, 1):
-            raise LayoutError("--virtual-pipeline-stages needs PP > 1")
+            raise LayoutError(
+                "--virtual-pipeline-model-parallel-size (parallel.virtual_pp) needs PP > 1"
+            )
         if par.first_stage_lm_layers is not None or par.last_stage_lm_layers is not None:
             raise LayoutError("first/last stage LM layer counts need PP > 1")
         return
-    first, last = par.first_stage_lm_layers, par.last_stage_lm_layers
     if par.virtual_pp and par.virtual_pp > 1:
-        if first is not None or last is not None:
+        if par.first_stage_lm_layers is not None or par.last_stage_lm_layers is not None:
             raise LayoutError("an uneven first/last stage cannot be combined with virtual stages")
         _divisible("lm.num_layers", num_layers, par.pp * par.virtual_pp, "PP*virtual stages")
         return
-    rest = num_layers - (first or 0) - (last or 0)
-    middle = par.pp - (first is not None) - (last is not None)
+    stage_layers(num_layers, par)
+
+
+def stage_layers(num_layers: int, par: ParallelConfig) -> list[int]:
+    """LM layers on each pipeline stage: megatron's even split, or the uneven first/last stage.
+
+    The one copy of this arithmetic (``model summary`` and the layout check both call it).
+    Virtual stages are not split out: the list is per physical stage.
+
+    Args:
+        num_layers: ``lm.num_layers``.
+        par: The layout (``pp``, ``first_stage_lm_layers``, ``last_stage_lm_layers``).
+
+    Returns:
+        ``par.pp`` layer counts summing to ``num_layers``; LayoutError if there are none.
+    """
+    if par.pp == 1:
+        return [num_layers]
+    first, last = par.first_stage_lm_layers, par.last_stage_lm_layers
     for name, n in (("first", first), ("last", last)):
         if n is not None and n < 0:
             raise LayoutError(f"{name}-stage LM layers={n} must be >= 0")
+    rest = num_layers - (first or 0) - (last or 0)
+    middle = par.pp - (first is not None) - (last is not None)
     if rest < 0:
         raise LayoutError(
             f"first/last stage LM layers ({first}, {last}) exceed lm.num_layers={num_layers}"
@@ -85,3 +105,9 @@ def _check_pipeline(num_layers: int, par: ParallelConfig) -> None:
             f"{rest} LM layers left after the first/last stage do not split over "
             f"{middle} middle stage(s)"
         )
+    out = [rest // middle if middle else 0] * par.pp
+    if first is not None:
+        out[0] = first
+    if last is not None:
+        out[-1] = last
+    return out

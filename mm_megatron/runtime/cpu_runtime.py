@@ -16,15 +16,19 @@ Instead of editing each site, this module installs one general redirect:
    functions and ``Tensor.to``, turns ``Tensor.cuda()`` and pinning into no-ops, and answers
    ``Tensor.type()`` in CUDA spelling (``torch.cuda.FloatTensor``), which megatron's optimizer
    and grad clipping assert on.
-2. CPU stand-ins for the ``torch.cuda`` calls megatron makes directly: ``current_device``,
+2. CPU stand-ins for the ``torch.cuda`` calls megatron makes directly: ``is_available``
+   (False), ``current_device``,
    ``synchronize``, ``set_device``, ``device_count``, ``get_rng_state``/``set_rng_state``/
    ``manual_seed`` (mapped to the CPU generator), ``empty_cache``, memory queries, streams/events.
 3. Megatron's private CUDA RNG helpers ``_get_cuda_rng_state``/``_set_cuda_rng_state`` are pointed
    at the CPU generator: on a machine without CUDA, torch's ``_lazy_call`` would otherwise queue
    the state restore forever and dropout forks would silently leak RNG state.
+4. The runtime switch :func:`on_cpu` (no CUDA device, or ``MM_MEGATRON_FORCE_CPU=1``) that every
+   CPU/CUDA difference keys on, and the ``TransformerConfig`` fields a CPU run needs
+   (:func:`transformer_config_accommodations`: CPU initialisation, unbatched pipeline p2p).
 
-What it does not do: it never runs when CUDA is in use (``activate()`` refuses unless no CUDA
-device is available, so GPU behaviour is untouched), and it does not make the local spec support
+What it does not do: it never runs when CUDA is in use (``activate()`` refuses unless
+:func:`on_cpu`, so GPU behaviour is untouched), and it does not make the local spec support
 sequence or context parallelism (that is ``mm_megatron.model.norm`` / ``.attention``).
 
 The mode is thread-local and the autograd engine does not carry it into ``backward`` of custom
@@ -209,6 +213,9 @@ _CUDA_STANDINS: dict[str, Any] = {
     # inside autograd backward functions (SP gather/scatter, linear wgrad), where the autograd
     # engine does not carry the Python torch-function mode over, so only a CPU device works there.
     "current_device": lambda: _CPU,
+    # Under MM_MEGATRON_FORCE_CPU=1 on a CUDA machine every later check (torch's, megatron's,
+    # ours) must see the CPU world it runs in; on a machine without CUDA this changes nothing.
+    "is_available": lambda: False,
     "set_device": lambda device: None,
     "device_count": lambda: 0,
     "synchronize": lambda device=None: None,
@@ -237,9 +244,37 @@ def _patch(obj: Any, name: str, value: Any) -> None:
     setattr(obj, name, value)
 
 
+#: Set to ``1`` to run on the CPU (gloo, this runtime, CPU-friendly configs) even where CUDA is.
+FORCE_CPU_ENV = "MM_MEGATRON_FORCE_CPU"
+
+
+def on_cpu() -> bool:
+    """The runtime switch: True when this process runs megatron-core on the CPU.
+
+    That is when no CUDA device is available, or when ``MM_MEGATRON_FORCE_CPU=1``. Everything that
+    differs between a CPU and a CUDA run (the process-group backend, :func:`activate`, the
+    TransformerConfig fields of :func:`transformer_config_accommodations`, the default dtype)
+    keys on this one function.
+    """
+    return os.environ.get(FORCE_CPU_ENV) == "1" or not torch.cuda.is_available()
+
+
 def cuda_in_use() -> bool:
-    """True when a CUDA device is available to this process (then the runtime stays off)."""
-    return torch.cuda.is_available()
+    """True when this process runs on CUDA (then the runtime stays off); ``not on_cpu()``."""
+    return not on_cpu()
+
+
+def transformer_config_accommodations() -> dict[str, Any]:
+    """megatron ``TransformerConfig`` fields that depend on where the run happens.
+
+    On the CPU: initialise weights on the CPU, and send pipeline activations and gradients one
+    message at a time. NOTE: gloo matches point-to-point messages by (peer, tag) in posting
+    order; a batched isend/irecv of an activation and a gradient between the same two ranks can
+    then cross (equal shapes under the interleaved schedule). megatron's unbatched path orders the
+    sends and receives of both peers consistently. On CUDA (NCCL) megatron's defaults stay.
+    """
+    cpu = on_cpu()
+    return dict(use_cpu_initialization=cpu, batch_p2p_comm=not cpu)
 
 
 def is_active() -> bool:
@@ -248,7 +283,7 @@ def is_active() -> bool:
 
 
 def activate(*, check_version: bool = True) -> bool:
-    """Install the CPU runtime in this process if no CUDA device is in use.
+    """Install the CPU runtime in this process if it runs on the CPU (:func:`on_cpu`).
 
     Idempotent. Must be called before megatron-core builds models or process groups.
 
@@ -262,8 +297,8 @@ def activate(*, check_version: bool = True) -> bool:
         check_megatron_version()
     if is_active():
         return True
-    if cuda_in_use() and os.environ.get("MM_MEGATRON_FORCE_CPU") != "1":
-        log.debug("CUDA available: CPU runtime not activated")
+    if cuda_in_use():
+        log.debug("CUDA in use: CPU runtime not activated")
         return False
     for name, fn in _CUDA_STANDINS.items():
         _patch(torch.cuda, name, fn)
@@ -297,6 +332,6 @@ def deactivate() -> None:
 
 def device() -> torch.device:
     """The device tensors should live on: CUDA's current device, or the CPU under this runtime."""
-    if is_active() or not torch.cuda.is_available():
+    if is_active() or on_cpu():
         return _CPU
     return torch.device("cuda", torch.cuda.current_device())

@@ -1,15 +1,22 @@
 """Process-group set-up and tear-down for one job (torchrun, SLURM or a single process).
 
-``initialize(par)`` starts torch.distributed (NCCL on GPU, gloo on CPU; env:// under torchrun,
-a private file store for a plain single process), activates the CPU runtime when no CUDA device
-is in use, validates the layout against the world size, creates megatron's TP/PP/CP/DP groups and
-seeds megatron's RNG tracker. ``destroy()`` undoes it (tests call it between layouts).
+``initialize(par)`` activates the CPU runtime when the run is on the CPU
+(``cpu_runtime.on_cpu()``: no CUDA device, or ``MM_MEGATRON_FORCE_CPU=1``), starts
+torch.distributed (gloo on the CPU, NCCL on CUDA; env:// under torchrun, a private file store for
+a plain single process), validates the layout sizes against the world size, creates megatron's
+TP/PP/CP/DP groups and seeds megatron's RNG tracker. ``destroy()`` undoes it (tests call it
+between layouts); ``process_groups(par)`` is both as a context manager.
+
+Not here: the model-dependent layout checks (``mm_megatron/parallel/layout.py``), the spawning of
+local worlds (``spawn.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,26 +32,38 @@ class LayoutError(ValueError):
     """A parallel layout that cannot work; the message is one line, naming the culprit."""
 
 
-def check_world_size(par: ParallelConfig, world_size: int) -> int:
-    """DP size for ``world_size``; LayoutError if TP*PP*CP does not divide it."""
+def check_parallel_sizes(par: ParallelConfig) -> None:
+    """LayoutError unless TP, PP, CP >= 1 and sequence parallelism has TP > 1."""
     for name in ("tp", "pp", "cp"):
         if getattr(par, name) < 1:
             raise LayoutError(f"{name}={getattr(par, name)} must be >= 1")
+    if par.sequence_parallel and par.tp == 1:
+        raise LayoutError("--sequence-parallel needs TP > 1")
+
+
+def check_world_size(par: ParallelConfig, world_size: int) -> int:
+    """DP size for ``world_size``; LayoutError if the sizes are invalid or TP*PP*CP does not
+    divide it."""
+    check_parallel_sizes(par)
     mp = par.model_parallel_size
     if world_size % mp:
         raise LayoutError(
             f"world size {world_size} is not divisible by TP*PP*CP = {par.tp}*{par.pp}*{par.cp} "
             f"= {mp}"
         )
-    if par.sequence_parallel and par.tp == 1:
-        raise LayoutError("--sequence-parallel needs TP > 1")
     return world_size // mp
+
+
+def default_backend() -> str:
+    """``gloo`` when the run is on the CPU (:func:`cpu_runtime.on_cpu`, which honours
+    ``MM_MEGATRON_FORCE_CPU=1``), else ``nccl``."""
+    return "gloo" if cpu_runtime.on_cpu() else "nccl"
 
 
 def _init_process_group(backend: str | None) -> None:
     if dist.is_initialized():
         return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or default_backend()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -78,6 +97,20 @@ def initialize(
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+@contextlib.contextmanager
+def process_groups(par: ParallelConfig | None = None, **kwargs) -> Iterator[ProcessGroupCollection]:
+    """``initialize(par)`` for the duration of a ``with`` block, then ``destroy()``.
+
+    For callers that need megatron's state only briefly in one process (``model summary``
+    builds the model on the meta device inside it).
+    """
+    pgs = initialize(par or ParallelConfig(), **kwargs)
+    try:
+        yield pgs
+    finally:
+        destroy()
 
 
 def destroy() -> None:

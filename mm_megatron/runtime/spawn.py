@@ -39,6 +39,7 @@ def _worker(rank, world_size, init_file, fn, args, queue):
 
         from mm_megatron.runtime import cpu_runtime
 
+        os.environ[cpu_runtime.FORCE_CPU_ENV] = "1"  # CPU world even on a CUDA machine
         cpu_runtime.activate()
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size

@@ -2,7 +2,8 @@
 
 Modules, by role:
 - `config.py`: `TrainConfig`, `JobConfig`, YAML + dotted overrides (`load_job_config`).
-- `setup.py`: model chunks (+ recompute), megatron optimizer, LR schedule, the guarded step.
+- `components.py`: model chunks (recompute set at build), megatron optimizer, LR schedule, the
+  guarded step.
 - `data_setup.py`: data resolution (synthetic default), loaders, one step's micro-batches.
 - `trainer.py`: the loop (`train(job)`), signals, NaN guard, evaluation and save cadence.
 - `checkpointing.py`: atomic full-state checkpoints (model, optimizer, RNG, scheduler, data).

@@ -51,7 +51,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from mm_megatron.checkpoint import model_io
 from mm_megatron.config.model_config import LlavaConfig
-from mm_megatron.train.setup import unwrap
+from mm_megatron.train.components import unwrap
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 
 from mm_megatron.data.batch import IGNORE_INDEX
 from mm_megatron.parallel.schedule import forward_backward
-from mm_megatron.train.setup import unwrap
+from mm_megatron.train.components import unwrap
 
 
 def validation_loss(chunks: list, step_batches, iters: int) -> float:

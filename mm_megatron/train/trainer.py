@@ -6,7 +6,7 @@ torchrun/SLURM job; every rank runs the same code):
 1. process groups and megatron parallel state (`mm_megatron.runtime.distributed.initialize`),
    layout validation, micro-batches per step = global / (micro * DP);
 2. data (`data_setup.py`; the synthetic dataset when none is configured), tokenizer checks;
-3. model chunks, optimizer and LR schedule (`setup.py`);
+3. model chunks, optimizer and LR schedule (`components.py`);
 4. state: resume from the latest checkpoint in `train.save` if there is one (model, optimizer,
    scheduler, RNG, data position, counters), else the weights of `train.load`, else fresh;
 5. steps: zero grads -> `forward_backward` (megatron schedules, gradient accumulation over the
@@ -44,8 +44,16 @@ from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.layout import validate_layout
 from mm_megatron.parallel.schedule import forward_backward
-from mm_megatron.runtime import distributed
+from mm_megatron.runtime import cpu_runtime, distributed
 from mm_megatron.train import checkpointing as ckpt
+from mm_megatron.train.components import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    current_lr,
+    optimizer_step,
+    resolve_dtype,
+)
 from mm_megatron.train.config import JobConfig
 from mm_megatron.train.data_setup import (
     StepBatches,
@@ -61,14 +69,6 @@ from mm_megatron.train.metrics import (
     format_log_line,
     memory_line,
     memory_stats,
-)
-from mm_megatron.train.setup import (
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    current_lr,
-    optimizer_step,
-    resolve_dtype,
 )
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -125,7 +125,7 @@ class Trainer:
     # --- set-up ---------------------------------------------------------------------------------
     def _set_threads(self) -> None:
         n = self.job.train.num_threads
-        if n is None and not torch.cuda.is_available():
+        if n is None and cpu_runtime.on_cpu():
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             n = max(1, (os.cpu_count() or 1) // local)
         if n:

@@ -100,9 +100,9 @@ def run_layout(rank, world_size, layout: dict, cfg, weights, batches, dist_opt: 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from mm_megatron.model.build import build_model_chunks
-    from mm_megatron.parallel.resharding import gather_full, load_full_state_dict
     from mm_megatron.parallel.schedule import forward_backward
     from mm_megatron.runtime import distributed
+    from tests.distributed.resharding import gather_full, load_full_state_dict
 
     par = ParallelConfig(**layout)
     distributed.initialize(par, seed=1234)

@@ -10,7 +10,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mm_megatron.model.attention import SDPAttention, zigzag_positions
+from mm_megatron.model.attention import SDPAttention
 
 
 def naive(q, k, v, causal, seg=None):
@@ -70,13 +70,9 @@ def test_packed_thd_block_diagonal():
     torch.testing.assert_close(out, ref)
 
 
-def test_zigzag_positions_cover_sequence():
-    lens = torch.tensor([8, 16])
-    cp = 2
-    got = [zigzag_positions(lens, cp, r) for r in range(cp)]
-    assert got[0][1][:2].tolist() == [0, 1] and got[0][1][2:4].tolist() == [6, 7]
-    for sid, n in enumerate(lens.tolist()):
-        pos = torch.cat([p[i == sid] for i, p in got])
-        assert sorted(pos.tolist()) == list(range(n))
-    with pytest.raises(ValueError, match="not a multiple of 2\\*CP=4"):
-        zigzag_positions(torch.tensor([6]), 2, 0)
+def test_cp_needs_the_group_it_is_given():
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, context_parallel_size=2
+    )
+    with pytest.raises(ValueError, match="context_parallel_size=2 needs pg_collection.cp"):
+        SDPAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=_FakePG())

@@ -139,3 +139,42 @@ def test_backward_allocations_outside_the_mode():
     x = torch.ones(3, requires_grad=True)
     F.apply(x).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_force_cpu_switch_picks_gloo_and_the_cpu_runtime(monkeypatch, force):
+    """With CUDA present, MM_MEGATRON_FORCE_CPU=1 selects gloo, the runtime and CPU configs."""
+    from mm_megatron.runtime import distributed
+    from mm_megatron.train.components import resolve_dtype
+
+    cpu_runtime.deactivate()
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        if force:
+            monkeypatch.setenv(cpu_runtime.FORCE_CPU_ENV, "1")
+        else:
+            monkeypatch.delenv(cpu_runtime.FORCE_CPU_ENV, raising=False)
+        assert cpu_runtime.on_cpu() is force
+        assert distributed.default_backend() == ("gloo" if force else "nccl")
+        assert cpu_runtime.transformer_config_accommodations() == dict(
+            use_cpu_initialization=force, batch_p2p_comm=not force
+        )
+        assert resolve_dtype("auto") == (torch.float32 if force else torch.bfloat16)
+        assert cpu_runtime.activate() is force
+        assert cpu_runtime.is_active() is force
+        assert torch.cuda.is_available() is not force  # forced: everyone sees the CPU world
+        assert cpu_runtime.on_cpu() is force  # still true once the runtime is active
+    finally:
+        cpu_runtime.deactivate()  # NOTE: before undo, so the runtime restores the fake first
+        monkeypatch.undo()
+        cpu_runtime.activate()
+
+
+def test_lm_config_takes_the_switch(monkeypatch):
+    from mm_megatron.config import ParallelConfig, get_preset
+    from mm_megatron.model.transformer_configs import lm_transformer_config
+
+    cfg, par = get_preset("debug-tiny"), ParallelConfig(pp=2)
+    monkeypatch.setenv(cpu_runtime.FORCE_CPU_ENV, "1")
+    c = lm_transformer_config(cfg, par)
+    assert c.use_cpu_initialization and not c.batch_p2p_comm

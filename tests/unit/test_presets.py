@@ -54,9 +54,11 @@ def hand_count_ref_1_4b():
 def test_summary_ref_1_4b_matches_hand_count():
     from mm_megatron.config import ParallelConfig
     from mm_megatron.model.summary import collect_params, per_stage
+    from mm_megatron.runtime import distributed
 
     cfg = get_preset("ref-1.4b")
-    params = collect_params(cfg)
+    with distributed.process_groups():  # model code starts no process groups itself
+        params = collect_params(cfg)
     vit, proj, lm = hand_count_ref_1_4b()
     got = {"vision_model.": 0, "vision_projection.": 0, "language_model.": 0}
     for prm in params:

@@ -2,7 +2,8 @@
 
 What this file does:
 - `build_model(job, dtype)`: this rank's model chunks (megatron DDP, via the one build function
-  `mm_megatron.model.build.build_model_chunks`) plus activation recompute on the LM.
+  `mm_megatron.model.build.build_model_chunks`), with the job's activation recompute passed to
+  the build, which sets it in the LM's TransformerConfig.
 - `build_optimizer(job, chunks, dtype)`: megatron's optimizer (`get_megatron_optimizer`: AdamW
   or SGD; fp32 main params and grads for bf16 weights; optionally the distributed optimizer).
   Megatron's own clipping is switched off (`clip_grad=0`) because `optimizer_step` clips itself,
@@ -11,12 +12,6 @@ What this file does:
   cosine/linear/... decay to `min_lr`), stepped once per successful optimizer step.
 - `optimizer_step(optimizer, clip_grad)`: one update that is skipped (and reported) when the
   gradient norm is NaN/inf, so a bad step never reaches the weights.
-
-Recompute: megatron reads `recompute_granularity == "full"` (and the method/number of layers)
-from the LM's TransformerConfig at forward time, so setting them on the built config works;
-selective recompute of the core attention is decided when the attention module is built, so it
-is switched on per `SelfAttention` module (`checkpoint_core_attention`). NOTE: a cleaner home
-is `mm_megatron.model.transformer_configs.lm_transformer_config` (owned by the model code).
 
 What it does not do: load checkpoints (`checkpointing.py`) or run steps (`trainer.py`).
 """
@@ -32,13 +27,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mm_megatron.model.build import build_model_chunks
 from mm_megatron.model.llava import LlavaModel
+from mm_megatron.model.transformer_configs import Recompute
+from mm_megatron.runtime import cpu_runtime
 from mm_megatron.train.config import JobConfig
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
-    """Parameter dtype for `train.precision` (auto: bf16 on CUDA, fp32 on the CPU)."""
+    """Parameter dtype for `train.precision` (auto: bf16 on CUDA, fp32 on the CPU runtime)."""
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.float32 if cpu_runtime.on_cpu() else torch.bfloat16
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -49,44 +46,17 @@ def unwrap(chunk) -> LlavaModel:
     return chunk
 
 
-def apply_recompute(chunks: list, granularity: str | None, method: str | None, layers: int | None):
-    """Turn on activation recompute in the LM of every chunk.
-
-    Args:
-        chunks: Model chunks (wrapped or not).
-        granularity: None, ``full`` or ``selective``.
-        method: ``uniform`` or ``block`` (full only).
-        layers: Layers per unit (uniform) or recomputed layers per stage (block).
-    """
-    if granularity is None:
-        return
-    from megatron.core.transformer.attention import SelfAttention
-
-    for chunk in chunks:
-        lm = unwrap(chunk).language_model
-        config = lm.config
-        config.recompute_granularity = granularity
-        if granularity == "full":
-            config.recompute_method = method
-            config.recompute_num_layers = layers
-            continue
-        for module in lm.modules():
-            if isinstance(module, SelfAttention):
-                module.checkpoint_core_attention = True
-
-
 def build_model(job: JobConfig, dtype: torch.dtype) -> list:
     """This rank's DDP-wrapped model chunks (one per virtual pipeline stage)."""
     t = job.train
-    chunks = build_model_chunks(
+    return build_model_chunks(
         job.model,
         job.parallel,
         dtype=dtype,
         overlap_grad_reduce=t.overlap_grad_reduce,
         use_distributed_optimizer=t.use_distributed_optimizer,
+        recompute=Recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers),
     )
-    apply_recompute(chunks, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
-    return chunks
 
 
 def build_optimizer(job: JobConfig, chunks: list, dtype: torch.dtype):

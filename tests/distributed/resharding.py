@@ -1,9 +1,10 @@
-"""Full (single-rank) parameters <-> this rank's TP/PP shards, in memory.
+"""Test helper: full (single-rank) parameters <-> this rank's TP/PP shards, in memory.
 
 The parity tests start every layout from the same full set of weights and compare gathered
-gradients and parameters against the single-rank run; the training CLI can also seed a model
-from a full state dict. On-disk resharding is megatron's ``dist_checkpointing`` (see
-``mm_megatron/checkpoint``); this module is the in-memory equivalent, with the rules spelled out:
+gradients and parameters against the single-rank run; nothing in the package uses this (on-disk
+resharding is megatron's ``dist_checkpointing``, see ``mm_megatron/checkpoint``). It lives with
+the tests because it knows both the model (``LlavaModel``) and the layout, and it spells out the
+sharding rules the parity run checks:
 
 * a parameter marked ``tensor_model_parallel`` is split along ``partition_dim`` into TP equal
   chunks, except the gated (SwiGLU) ``linear_fc1.weight`` of the LM, whose full tensor is
