@@ -46,7 +46,8 @@ class LlavaModel(MegatronModule):
         post_process: this stage computes logits/loss (last PP stage).
         add_encoder: this stage holds the vision encoder and projector.
         vp_stage: virtual pipeline stage index, if interleaved.
-        pp_rank: this rank's pipeline stage (which LM layers it builds).
+        pp_rank: this rank's pipeline stage (which LM layers it builds). The three ranks are
+            required: the build function reads them from the process groups.
         tp_rank: this rank's TP rank (which vocab columns its output layer holds).
         cp_rank: this rank's CP rank (which zig-zag chunks of the sequence it keeps).
     """
@@ -63,9 +64,9 @@ class LlavaModel(MegatronModule):
         post_process: bool = True,
         add_encoder: bool = True,
         vp_stage: int | None = None,
-        pp_rank: int = 0,
-        tp_rank: int = 0,
-        cp_rank: int = 0,
+        pp_rank: int,
+        tp_rank: int,
+        cp_rank: int,
     ):
         super().__init__(config=lm_config)
         self.cfg = cfg
