@@ -72,8 +72,8 @@ def test_loss_is_the_global_token_mean_over_unequal_microbatches(single_rank):
     """forward_backward's gradient == autograd of (sum of token losses / all tokens)."""
     from mm_megatron.config import ParallelConfig
     from mm_megatron.model.build import build_llava_model, build_model_chunks
-    from mm_megatron.parallel.resharding import gather_full
     from mm_megatron.parallel.schedule import forward_backward
+    from tests.distributed.resharding import gather_full
 
     cfg = _config()
     torch.manual_seed(0)
