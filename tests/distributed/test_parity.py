@@ -43,6 +43,9 @@ FAST = [
     (dict(cp=2), 1, True, False),
     (dict(tp=2, pp=2), 1, False, False),
     (dict(tp=2, cp=2, sequence_parallel=True), 1, False, False),
+    # where the SP x CP shard factor matters: 2*CP*TP = 16 here, and a factor missing TP (2*CP)
+    # leaves CP shards that do not split over TP=4 (at TP=2 every plausible factor works)
+    (dict(tp=4, cp=2, sequence_parallel=True), 1, False, False),
 ]
 
 
