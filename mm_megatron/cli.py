@@ -2,6 +2,8 @@
 
 Each sub-command module exposes ``register(subparsers)``; adding one means adding a line to
 ``COMMANDS``. Heavy imports (torch, megatron) happen inside the commands, so ``--help`` is fast.
+``main`` first silences the dependencies' known-harmless start-up warnings
+(``mm_megatron.runtime.startup_warnings``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mm_megatron.runtime import startup_warnings
+
+    startup_warnings.install()  # NOTE: before any command imports megatron-core
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

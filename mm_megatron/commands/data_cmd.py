@@ -17,6 +17,6 @@ def _run(args: argparse.Namespace) -> int:
         from mm_megatron.data import synthetic
 
         return int(synthetic.main(args.rest) or 0)
-    from mm_megatron.data import convert
+    from mm_megatron.data import llava_json
 
-    return int(convert.main(args.rest) or 0)
+    return int(llava_json.main(args.rest) or 0)

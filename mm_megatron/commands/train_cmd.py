@@ -8,9 +8,14 @@ Commands (single process, CPU or one GPU; then N processes with torchrun)::
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel \\
         --micro-batch-size 4 --global-batch-size 128 --save /ckpt/llava7b-s2
 
-Precedence: the preset, then ``--config FILE.yaml``, then the Megatron-style flags below, then
+Precedence: the preset, then ``--config FILE.yaml``, then the Megatron-style flags, then
 dotted overrides ``--section.key=value`` (sections: model, parallel, data, train; e.g.
-``--train.lr=1e-3 --model.freeze_lm=false --data.template=plain``).
+``--train.lr=1e-3 --model.freeze_lm=false --data.template=plain``). The Megatron-style flags
+(``--lr``, ``--tensor-model-parallel-size``, ...) are not listed here: each config field that has
+one declares it in its metadata, and its docstring is the ``--help`` text
+(``mm_megatron.config.fields``). ``--transformer-impl transformer_engine|local`` sets the spec of
+every component at once; on a machine without Transformer Engine, ``transformer_engine`` is
+refused in one line before any work.
 
 This module only parses; `mm_megatron.train.trainer.train` does the work. The sub-parser hands
 every argument through unparsed (``prefix_chars="+"``) because the dotted overrides are open-ended.
@@ -21,45 +26,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Megatron-LM flag -> (dotted key, type); store_true flags have type None.
-FLAGS: dict[str, tuple[str, type | None]] = {
-    "--tensor-model-parallel-size": ("parallel.tp", int),
-    "--pipeline-model-parallel-size": ("parallel.pp", int),
-    "--context-parallel-size": ("parallel.cp", int),
-    "--sequence-parallel": ("parallel.sequence_parallel", None),
-    "--virtual-pipeline-model-parallel-size": ("parallel.virtual_pp", int),
-    "--micro-batch-size": ("train.micro_batch_size", int),
-    "--global-batch-size": ("train.global_batch_size", int),
-    "--train-iters": ("train.train_iters", int),
-    "--lr": ("train.lr", float),
-    "--min-lr": ("train.min_lr", float),
-    "--lr-warmup-iters": ("train.lr_warmup_iters", int),
-    "--lr-warmup-fraction": ("train.lr_warmup_fraction", float),
-    "--lr-decay-iters": ("train.lr_decay_iters", int),
-    "--lr-decay-style": ("train.lr_decay_style", str),
-    "--weight-decay": ("train.weight_decay", float),
-    "--clip-grad": ("train.clip_grad", float),
-    "--adam-beta1": ("train.adam_beta1", float),
-    "--adam-beta2": ("train.adam_beta2", float),
-    "--adam-eps": ("train.adam_eps", float),
-    "--use-distributed-optimizer": ("train.use_distributed_optimizer", None),
-    "--overlap-grad-reduce": ("train.overlap_grad_reduce", None),
-    "--recompute-granularity": ("train.recompute_granularity", str),
-    "--recompute-method": ("train.recompute_method", str),
-    "--recompute-num-layers": ("train.recompute_num_layers", int),
-    "--save": ("train.save", str),
-    "--load": ("train.load", str),
-    "--save-interval": ("train.save_interval", int),
-    "--async-save": ("train.async_save", None),
-    "--seed": ("train.seed", int),
-    "--log-interval": ("train.log_interval", int),
-    "--eval-interval": ("train.eval_interval", int),
-    "--eval-iters": ("train.eval_iters", int),
-    "--tensorboard-dir": ("train.tensorboard_dir", str),
-    "--run-dir": ("train.run_dir", str),
-    "--data-path": ("data.train_shards", str),
-    "--tokenizer": ("data.tokenizer_path", str),
-}
+TRANSFORMER_IMPLS = {"transformer_engine": "te", "local": "local"}
+"""Megatron-LM's ``--transformer-impl`` values -> our spec name (for every component)."""
+
+SPEC_KEYS = ("model.vision.spec", "model.projector.spec", "model.lm.spec")
+"""The per-component spec fields ``--transformer-impl`` sets (dotted overrides still win)."""
+
+
+def megatron_flags() -> list:
+    """The Megatron-style flags: every config field that declares one in its metadata."""
+    from mm_megatron.config.fields import flag_fields
+    from mm_megatron.train.config import JobConfig
+
+    return list(flag_fields(JobConfig, ""))
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -74,18 +53,29 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="job YAML (see examples/)")
     p.add_argument("--bf16", action="store_true", help="bf16 weights (fp32 main params)")
     p.add_argument("--fp32", action="store_true", help="fp32 weights")
+    p.add_argument(
+        "--transformer-impl",
+        choices=sorted(TRANSFORMER_IMPLS),
+        help="spec of every component (vision, projector, LM): transformer_engine (TE, needs a "
+        "GPU) or local; --model.<part>.spec=... still wins for one part",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
-    for flag, (key, kind) in FLAGS.items():
-        if kind is None:
-            p.add_argument(flag, action="store_true", default=None, help=f"sets {key}=true")
+    for f in megatron_flags():
+        text = f"{f.help} (sets {f.key})".replace("%", "%%")
+        if f.is_switch:
+            p.add_argument(f.flag, dest=f.key, action="store_true", default=None, help=text)
         else:
-            p.add_argument(flag, type=kind, default=None, help=f"sets {key}")
+            metavar = f.flag.lstrip("-").replace("-", "_").upper()
+            p.add_argument(
+                f.flag, dest=f.key, type=f.value_type, default=None, metavar=metavar, help=text
+            )
     return p
 
 
 def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     """Parse `argv` -> (namespace, nested override tree from flags and dotted overrides)."""
-    from mm_megatron.train.config import merge_trees, parse_dotted
+    from mm_megatron.config.fields import merge_trees, set_dotted
+    from mm_megatron.train.config import parse_dotted
 
     parser = build_train_parser()
     args, rest = parser.parse_known_args(argv)
@@ -105,24 +95,40 @@ def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         dotted.append(body)
         i += 1
     tree: dict = {}
-    for flag, (key, _kind) in FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if args.transformer_impl is not None:
+        for key in SPEC_KEYS:
+            set_dotted(tree, key, TRANSFORMER_IMPLS[args.transformer_impl])
+    for f in megatron_flags():
+        value = getattr(args, f.key)
         if value is not None:
-            _set(tree, key, value)
+            set_dotted(tree, f.key, value)
     if args.bf16 and args.fp32:
         parser.error("--bf16 and --fp32 exclude each other")
     if args.bf16 or args.fp32:
-        _set(tree, "train.precision", "bf16" if args.bf16 else "fp32")
+        set_dotted(tree, "train.precision", "bf16" if args.bf16 else "fp32")
     tree = merge_trees(tree, parse_dotted(dotted))
     return args, tree
 
 
-def _set(tree: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
+def check_transformer_engine(job) -> None:
+    """ValueError (one line) when the job asks for the TE spec and TE does not import here."""
+    te_parts = [key for key in SPEC_KEYS if _get(job, key) == "te"]
+    if not te_parts:
+        return
+    from mm_megatron.model.specs import have_te
+
+    if not have_te():
+        raise ValueError(
+            f"{', '.join(f'{k}=te' for k in te_parts)} (--transformer-impl transformer_engine) "
+            "needs Transformer Engine, which does not import on this machine; use "
+            "--transformer-impl local, or install mm_megatron[te] on a CUDA machine"
+        )
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def resolve_job(argv: list[str]):
@@ -160,6 +166,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(job.to_dict(), sort_keys=False))
         return 0
+    check_transformer_engine(job)
+    from mm_megatron.runtime import startup_warnings
+
+    startup_warnings.announce()  # one line instead of the fallback warnings
     from mm_megatron.train.trainer import DataError, NonFiniteLossError, train
 
     try:

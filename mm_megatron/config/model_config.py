@@ -2,7 +2,8 @@
 
 These describe *what* the model is (shapes, activations, norms); they know nothing about parallel
 layout. ``mm_megatron.model.transformer_configs`` turns them into megatron-core
-``TransformerConfig`` objects once a layout is chosen. Every field has a docstring line.
+``TransformerConfig`` objects once a layout is chosen. Every field has a docstring line. Reading
+them from dicts and overrides is ``mm_megatron.config.fields`` (shared with the job config).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from mm_megatron.config.fields import from_dict
 
 SPECS = ("local", "te")
 
@@ -117,8 +120,6 @@ class ProjectorConfig:
     """Linear layers carry a bias."""
     spec: str = "local"
     """``local`` or ``te`` linear layers."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Options for projector types added later (e.g. resampler queries)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
@@ -240,32 +241,9 @@ class LlavaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlavaConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise a ValueError naming them."""
-        d = dict(d)
-        subs = {"vision": VisionConfig, "projector": ProjectorConfig, "lm": LanguageConfig}
-        kwargs: dict[str, Any] = {}
-        for key, sub_cls in subs.items():
-            if key in d:
-                kwargs[key] = _build(sub_cls, d.pop(key), key)
-        kwargs.update(_check_keys(cls, d, "model"))
-        return cls(**kwargs)
+        return from_dict(cls, d, "model")
 
 
 def _check_spec(name: str, value: str) -> None:
     if value not in SPECS:
         raise ValueError(f"{name} must be one of {SPECS}, got {value!r}")
-
-
-def _check_keys(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {where} keys {unknown}; valid: {sorted(names)}")
-    return d
-
-
-def _build(cls: type, d: Any, where: str) -> Any:
-    if isinstance(d, cls):
-        return d
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
-    return cls(**_check_keys(cls, dict(d), where))

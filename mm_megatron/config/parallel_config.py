@@ -1,23 +1,29 @@
-"""Parallel layout: how a job splits over tensor, pipeline, context and data parallel ranks."""
+"""Parallel layout: how a job splits over tensor, pipeline, context and data parallel ranks.
+
+Fields with a Megatron-LM command-line flag declare it in their metadata (``{"flag": ...}``);
+``mm-megatron train`` builds its flags from that (see ``mm_megatron.config.fields``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class ParallelConfig:
     """Megatron-style parallel sizes. DP is whatever is left of the world size."""
 
-    tp: int = 1
-    """Tensor-parallel size (``--tensor-model-parallel-size``)."""
-    pp: int = 1
-    """Pipeline-parallel size (``--pipeline-model-parallel-size``)."""
-    cp: int = 1
-    """Context-parallel size (``--context-parallel-size``)."""
-    sequence_parallel: bool = False
-    """Shard activations along the sequence in TP regions (``--sequence-parallel``)."""
-    virtual_pp: int | None = None
+    tp: int = field(default=1, metadata={"flag": "--tensor-model-parallel-size"})
+    """Tensor-parallel size."""
+    pp: int = field(default=1, metadata={"flag": "--pipeline-model-parallel-size"})
+    """Pipeline-parallel size."""
+    cp: int = field(default=1, metadata={"flag": "--context-parallel-size"})
+    """Context-parallel size."""
+    sequence_parallel: bool = field(default=False, metadata={"flag": "--sequence-parallel"})
+    """Shard activations along the sequence in TP regions."""
+    virtual_pp: int | None = field(
+        default=None, metadata={"flag": "--virtual-pipeline-model-parallel-size"}
+    )
     """Virtual (interleaved) pipeline stages per rank; None for plain 1F1B."""
     first_stage_lm_layers: int | None = None
     """LM layers on the first pipeline stage, which also holds the vision encoder; None for an

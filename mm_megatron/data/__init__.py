@@ -4,7 +4,7 @@ Modules, by role:
 - `batch.py`: the batch contract with the model and `validate_batch`.
 - `config.py`: `DataConfig`.
 - `shards.py`: the shard format, `ShardWriter`, shard resolution and random access.
-- `convert.py`: LLaVA JSON + images -> shards; `synthetic.py`: the synthetic shapes dataset.
+- `llava_json.py`: LLaVA JSON + images -> shards; `synthetic.py`: the synthetic shapes dataset.
 - `tokenizer.py`, `templates.py`: tokenizer loading and chat templates with loss masks.
 - `image.py`: decoding, pad-to-square/resize, normalisation.
 - `samples.py`: one raw sample -> `Example` or a counted bad sample.

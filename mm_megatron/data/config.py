@@ -9,7 +9,7 @@ the micro batch size and the seed are arguments of `build_dataloader`, not field
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mm_megatron.data.templates import TEMPLATE_NAMES
 
@@ -24,7 +24,7 @@ IMAGE_NORMALIZATIONS = ("clip", "siglip")
 class DataConfig:
     """Configuration of the webdataset reader, tokenization, packing and collation."""
 
-    train_shards: str | None = None
+    train_shards: str | None = field(default=None, metadata={"flag": "--data-path"})
     """Training shards: an index file (`d/train.index.json`), a directory holding
     `train.index.json`, a glob (`d/train-*.tar`), a brace range (`d/train-{000000..000009}.tar`)
     or a comma-separated list of those."""
@@ -32,7 +32,7 @@ class DataConfig:
     val_shards: str | None = None
     """Validation shards, same forms as `train_shards` (a directory means `val.index.json`)."""
 
-    tokenizer_path: str | None = None
+    tokenizer_path: str | None = field(default=None, metadata={"flag": "--tokenizer"})
     """Local directory of a HuggingFace tokenizer (loaded offline with AutoTokenizer)."""
 
     template: str = "vicuna_v1"

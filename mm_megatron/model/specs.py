@@ -15,6 +15,8 @@ own local spec does), so distributed checkpoints load across specs.
 
 from __future__ import annotations
 
+from functools import partial
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -34,6 +36,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from mm_megatron.model.attention import SDPAttention
 from mm_megatron.model.norm import LocalNorm
+from mm_megatron.runtime.startup_warnings import importable
 
 _TE_NORM_NAMES = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -43,11 +46,7 @@ _TE_NORM_NAMES = {
 
 def have_te() -> bool:
     """Whether Transformer Engine's PyTorch extension imports."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return importable("transformer_engine.pytorch")
 
 
 def _require_te(what: str) -> None:
@@ -87,7 +86,11 @@ def _layer(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            # NOTE: megatron builds the MLP through this classmethod; handing it a
+            # ModuleSpec(module=MLP) makes it rewrap the spec (and log that) on every build.
+            mlp=partial(
+                MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)
+            ),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map or {},
         ),

@@ -161,7 +161,7 @@ def architecture_mismatch(a: LlavaConfig, b: LlavaConfig) -> list[str]:
         for k, v in d.items():
             if k in _ARCH_IGNORE:
                 continue
-            if isinstance(v, dict) and k != "rope_scaling" and k != "extra":
+            if isinstance(v, dict) and k != "rope_scaling":
                 out.update(flat(v, f"{prefix}{k}."))
             else:
                 out[f"{prefix}{k}"] = v

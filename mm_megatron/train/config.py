@@ -6,13 +6,16 @@ What this file does:
 - `JobConfig`: preset name + model (`LlavaConfig`) + layout (`ParallelConfig`) + data
   (`DataConfig`) + train, i.e. everything a run needs, and its plain-dict form.
 - `load_job_config(preset, config_file, overrides)`: a preset from the registry, then a YAML file
-  (`examples/*.yaml`), then dotted `section.key=value` overrides, applied in that order. Values
-  are coerced to the field's annotated type (so YAML's `1e-3`, a string to PyYAML, is a float)
-  and unknown keys raise a ValueError naming them.
+  (`examples/*.yaml`), then dotted `section.key=value` overrides, applied in that order through
+  the one mechanism of `mm_megatron.config.fields` (values coerced to the field's annotated type,
+  so YAML's `1e-3`, a string to PyYAML, is a float; unknown keys raise a ValueError naming them).
+  Fields with a Megatron-LM flag declare it in their metadata (`{"flag": "--lr"}`); the CLI is
+  built from that.
 
-Data defaults follow the model: unless set explicitly, `data.image_size` is the encoder's input
-size, `data.image_norm` matches the encoder style and `data.max_seq_len` is capped by the LM's
-`max_position_embeddings`. With no training shards configured (the generated synthetic data) the
+Data defaults follow the model: unless set explicitly, `data.image_norm` matches the encoder
+style and `data.max_seq_len` is capped by the LM's `max_position_embeddings`. `data.image_size`
+is the encoder's input size; setting it to anything else is an error (the encoder's position
+embeddings fix it). With no training shards configured (the generated synthetic data) the
 template defaults to `plain`.
 
 What it does not do: parse command lines (`mm_megatron/commands/train_cmd.py`), or check a
@@ -22,15 +25,14 @@ layout against a world size (`mm_megatron.parallel.layout`).
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mm_megatron.config import LlavaConfig, ParallelConfig, get_preset
+from mm_megatron.config import LlavaConfig, ParallelConfig, fields, get_preset
+from mm_megatron.config.fields import apply_overrides, merge_trees
 from mm_megatron.data.config import DataConfig
 
 SECTIONS = ("model", "parallel", "data", "train")
@@ -47,73 +49,81 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 class TrainConfig:
     """Everything the trainer decides; the model, layout and data have their own configs."""
 
-    run_dir: str | None = None
+    run_dir: str | None = field(default=None, metadata={"flag": "--run-dir"})
     """Directory for logs, tensorboard, metrics.jsonl and the synthetic-data cache; None means
     `runs/<preset>` under the working directory."""
-    seed: int = 1234
+    seed: int = field(default=1234, metadata={"flag": "--seed"})
     """Seed of model init, megatron's RNG tracker and the data shuffle."""
-    micro_batch_size: int = 16
+    micro_batch_size: int = field(default=16, metadata={"flag": "--micro-batch-size"})
     """Rows per micro-batch on one data-parallel rank."""
-    global_batch_size: int = 16
+    global_batch_size: int = field(default=16, metadata={"flag": "--global-batch-size"})
     """Rows per optimizer step over all DP ranks; micro-batches per step are
     global / (micro * DP) (gradient accumulation)."""
-    train_iters: int = 300
+    train_iters: int = field(default=300, metadata={"flag": "--train-iters"})
     """Optimizer steps of the whole run (a resumed run continues up to this)."""
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU), bf16 (bf16 weights, fp32 main params and grads) or fp32."""
     optimizer: str = "adam"
     """adam (megatron's AdamW) or sgd."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata={"flag": "--lr"})
     """Peak learning rate."""
-    min_lr: float = 0.0
+    min_lr: float = field(default=0.0, metadata={"flag": "--min-lr"})
     """Learning rate at the end of the decay."""
-    lr_warmup_iters: int = 20
+    lr_warmup_iters: int = field(default=20, metadata={"flag": "--lr-warmup-iters"})
     """Linear warm-up steps (from 0 to `lr`)."""
-    lr_warmup_fraction: float | None = None
+    lr_warmup_fraction: float | None = field(
+        default=None, metadata={"flag": "--lr-warmup-fraction"}
+    )
     """Warm-up as a fraction of the decay steps; overrides `lr_warmup_iters` when set."""
-    lr_decay_iters: int | None = None
+    lr_decay_iters: int | None = field(default=None, metadata={"flag": "--lr-decay-iters"})
     """Steps over which the LR decays to `min_lr`; None means `train_iters`."""
-    lr_decay_style: str = "cosine"
+    lr_decay_style: str = field(default="cosine", metadata={"flag": "--lr-decay-style"})
     """cosine, linear, constant or inverse-square-root."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata={"flag": "--weight-decay"})
     """Decoupled weight decay (megatron skips biases and norms)."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = field(default=0.9, metadata={"flag": "--adam-beta1"})
     """Adam beta1."""
-    adam_beta2: float = 0.999
+    adam_beta2: float = field(default=0.999, metadata={"flag": "--adam-beta2"})
     """Adam beta2."""
-    adam_eps: float = 1e-8
+    adam_eps: float = field(default=1e-8, metadata={"flag": "--adam-eps"})
     """Adam epsilon."""
-    clip_grad: float = 1.0
+    clip_grad: float = field(default=1.0, metadata={"flag": "--clip-grad"})
     """Clip the global gradient norm to this (0 disables clipping)."""
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = field(
+        default=False, metadata={"flag": "--use-distributed-optimizer"}
+    )
     """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
-    overlap_grad_reduce: bool = False
+    overlap_grad_reduce: bool = field(default=False, metadata={"flag": "--overlap-grad-reduce"})
     """Overlap the DP gradient reduce with the backward pass."""
-    recompute_granularity: str | None = None
+    recompute_granularity: str | None = field(
+        default=None, metadata={"flag": "--recompute-granularity"}
+    )
     """Activation recompute in the LM: None, full (whole layers) or selective (core attention)."""
-    recompute_method: str | None = None
+    recompute_method: str | None = field(default=None, metadata={"flag": "--recompute-method"})
     """With full recompute: uniform (every `recompute_num_layers` layers as one unit) or block
     (the first `recompute_num_layers` layers of each stage)."""
-    recompute_num_layers: int | None = None
+    recompute_num_layers: int | None = field(
+        default=None, metadata={"flag": "--recompute-num-layers"}
+    )
     """Layers per recompute unit (uniform) or layers recomputed per stage (block)."""
-    save: str | None = None
+    save: str | None = field(default=None, metadata={"flag": "--save"})
     """Checkpoint directory. A run resumes from its latest checkpoint if it has one."""
-    load: str | None = None
+    load: str | None = field(default=None, metadata={"flag": "--load"})
     """Initial checkpoint (model weights only, e.g. a converter output or a stage-1 run), used
     when `save` has no checkpoint yet."""
-    save_interval: int | None = None
+    save_interval: int | None = field(default=None, metadata={"flag": "--save-interval"})
     """Save every this many steps (None: only at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = 3
     """Checkpoints kept in `save` (older ones are deleted; 0 keeps all)."""
-    async_save: bool = False
+    async_save: bool = field(default=False, metadata={"flag": "--async-save"})
     """Write checkpoints in a background process (megatron async dist_checkpointing)."""
-    log_interval: int = 10
+    log_interval: int = field(default=10, metadata={"flag": "--log-interval"})
     """Print the log line (and write tensorboard scalars) every this many steps."""
-    tensorboard_dir: str | None = None
+    tensorboard_dir: str | None = field(default=None, metadata={"flag": "--tensorboard-dir"})
     """TensorBoard event directory; None means `<run_dir>/tensorboard`."""
-    eval_interval: int | None = None
+    eval_interval: int | None = field(default=None, metadata={"flag": "--eval-interval"})
     """Evaluate on the validation split every this many steps (None: only at the end)."""
-    eval_iters: int = 2
+    eval_iters: int = field(default=2, metadata={"flag": "--eval-iters"})
     """Global batches per evaluation (0 disables evaluation)."""
     caption_eval: bool | None = None
     """Also measure colour/shape word accuracy on held-out synthetic captions (PP=CP=1); None
@@ -209,10 +219,16 @@ class JobConfig:
         return Path(self.train.run_dir or Path("runs") / (self.preset or "run"))
 
     def validate(self) -> None:
-        """Validate every section (ValueError names the field)."""
+        """Validate every section and their agreement (ValueError names the field)."""
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        size = self.model.vision.image_size
+        if self.data.image_size != size:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} but model.vision.image_size={size}: the "
+                "encoder takes exactly that size; drop data.image_size (it follows the model)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON friendly); `from_dict` inverts it."""
@@ -228,110 +244,17 @@ class JobConfig:
     def from_dict(cls, d: dict[str, Any]) -> JobConfig:
         """Inverse of `to_dict` (unknown keys raise)."""
         job = cls(preset=d.get("preset"), model=LlavaConfig.from_dict(d["model"]))
-        for name in ("parallel", "data", "train"):
-            apply_overrides(getattr(job, name), d.get(name) or {}, name)
+        rest = {k: v for k, v in d.items() if k not in ("preset", "model")}
+        apply_overrides(job, rest, "")
         return job
 
 
-# --- coercion and overrides -------------------------------------------------------------------
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """`value` converted to the annotated type `hint` (strings from YAML/CLI included)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        for arg in args:
-            try:
-                return _coerce(value, arg, where)
-            except ValueError:
-                continue
-        raise ValueError(f"{where}: cannot read {value!r} as {hint}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
-    if hint is str:
-        if not isinstance(value, str | int | float):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def apply_overrides(obj: Any, values: dict[str, Any], where: str) -> None:
-    """Set `values` (nested dicts for nested dataclasses) on dataclass `obj`, coercing types.
-
-    Args:
-        obj: A dataclass instance (e.g. `TrainConfig`, `LlavaConfig`).
-        values: Field name -> new value; a dict value on a nested dataclass recurses.
-        where: Dotted path of `obj`, for error messages.
-    """
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        if key not in names:
-            raise ValueError(f"unknown key {where}.{key}; valid: {sorted(names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            apply_overrides(current, value, f"{where}.{key}")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+# --- dotted overrides -------------------------------------------------------------------------
 
 
 def parse_dotted(items: list[str]) -> dict[str, Any]:
     """`["train.lr=1e-3", "model.lm.num_layers=4"]` -> nested dict (values parsed as YAML)."""
-    tree: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        parts = key.split(".")
-        if parts[0] not in SECTIONS and parts != ["preset"]:
-            raise ValueError(f"override {item!r}: section must be one of {SECTIONS}")
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return tree
-
-
-def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `extra` onto `base` (new dict; dicts merge, other values replace)."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_trees(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return fields.parse_dotted(items, ("preset", *SECTIONS))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

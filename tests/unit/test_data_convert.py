@@ -13,7 +13,7 @@ from PIL import Image
 
 from mm_megatron.data.batch import validate_batch
 from mm_megatron.data.config import DataConfig
-from mm_megatron.data.convert import convert_llava_json, main
+from mm_megatron.data.llava_json import convert_llava_json, main
 from mm_megatron.data.loader import build_dataloader
 from mm_megatron.data.shards import ShardMembers, resolve_shards
 from mm_megatron.data.synthetic import write_synthetic_dataset
