@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import logging
-import warnings
+import re
 
 import pytest
 import torch
 
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+from mm_megatron.runtime import startup_warnings
+
 logging.getLogger("megatron").setLevel(logging.ERROR)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_configure(config):
+    # The CLI's message-exact filters of known-harmless start-up warnings, as pytest filters
+    # (filters set while conftest is imported do not outlive pytest's warnings capture).
+    startup_warnings.install()  # the log-record filters
+    for text in startup_warnings.KNOWN_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{re.escape(text)}\\Z:UserWarning")
 
 
 def pytest_addoption(parser):

@@ -20,10 +20,20 @@ checkpoint and adds iterations to it)::
 
 Inside a dist checkpoint, the state dict is ``{"model": model.sharded_state_dict(prefix="model.")}``
 (virtual pipeline chunks: ``"model0"``, ``"model1"``, ...), so tensor keys start with ``model.``
-and optimizer state can sit beside them (``save_checkpoint(..., extra=...)``). Keys do not depend
+and other state can sit beside them (``save_checkpoint(..., extra=...)``: training adds its
+optimizer, RNG, data and train state, see ``mm_megatron.train.checkpointing``). Keys do not depend
 on the layout (megatron's sharded keys use global layer numbers and TP-global shapes), so a
 checkpoint saved at one TP x PP loads at any other; the local spec maps its norm names to the TE
 ones (``linear_qkv.layer_norm_weight``), so checkpoints are spec-independent.
+
+Atomic saves: every rank writes into ``DIR/.tmp_<name>``; when all are done (megatron has written
+``metadata.json``), rank 0 publishes it (:func:`publish_checkpoint`): renames it to ``<name>``,
+replaces ``mm_megatron.json`` and then the tracker file through temporary files, and deletes
+iterations beyond the newest ``keep_last``. A kill at any moment leaves the tracker pointing at a
+complete checkpoint; :func:`clean_stale` removes what a killed save left behind. With
+``async_save`` the write runs in megatron's background process and publishing is the request's
+finalize step. :func:`latest_iteration` follows the tracker, falling back to the newest complete
+``iter_*`` directory.
 
 Vocab padding: embeddings and output layer are stored at whatever padded size the saver had
 (``LanguageConfig.padded_vocab_size(tp)``, converters use TP1). megatron marks them
@@ -35,30 +45,41 @@ and silently skipped when the checkpoint lacks them, so a local-spec checkpoint 
 model and vice versa.
 
 API: :func:`save_checkpoint` / :func:`load_checkpoint` (collective; model + optional ``extra``
-sharded state), :func:`model_sharded_state_dict` (the ``{"model": ...}`` dict, for callers that
-save optimizer state themselves), :func:`read_run_config` / :func:`write_run_config`,
-:func:`read_tracker` / :func:`write_tracker` / :func:`iteration_dirname` /
-:func:`dist_checkpoint_dir`, :func:`stored_tensors` (shapes and dtypes, no data read) and
-:func:`copy_provenance` (carry a converted checkpoint's HF extras into a new directory, so
-``mcore-to-hf`` of a training output reproduces the HF original's layout).
+sharded state), :func:`model_sharded_state_dict` (the ``{"model": ...}`` dict),
+:func:`read_run_config` / :func:`write_run_config`, :func:`read_tracker` / :func:`write_tracker` /
+:func:`iteration_dirname` / :func:`dist_checkpoint_dir` / :func:`complete_iterations` /
+:func:`latest_iteration`, :func:`check_model_matches` (a directory holds the configured model),
+:func:`stored_tensors` (shapes and dtypes, no data read) and :func:`copy_provenance` (carry a
+converted checkpoint's HF extras into a new directory, so ``mcore-to-hf`` of a training output
+reproduces the HF original's layout).
 
 All functions that touch the dist checkpoint are collective: call them on every rank.
+
+What it does not do: decide what training state to save or when (``mm_megatron.train``), or
+convert formats (``mm_megatron.convert``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.convert.errors import ConversionError, MissingFileError
+from mm_megatron.runtime.distributed import barrier, rank
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 RUN_CONFIG = "mm_megatron.json"
@@ -67,6 +88,9 @@ RELEASE = "release"
 PASSTHROUGH = "hf_passthrough.safetensors"
 HF_FILES = "hf_files"
 MODEL_PREFIX = "model."
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_STALE_PREFIXES = (".tmp_", ".old_")
+_ARCH_IGNORE = ("freeze_vision", "freeze_projector", "freeze_lm", "init_method_std", "spec")
 
 
 class CheckpointFormatError(ConversionError):
@@ -110,7 +134,16 @@ def read_run_config(ckpt_dir: Path) -> RunConfig:
             f"{FORMAT_VERSION})"
         )
     try:
-        model = LlavaConfig.from_dict(doc["model"])
+        model_doc = dict(doc["model"])
+        # NOTE: files written before ProjectorConfig.extra was removed carry it, always empty.
+        if (
+            isinstance(model_doc.get("projector"), dict)
+            and model_doc["projector"].get("extra") == {}
+        ):
+            model_doc["projector"] = {
+                k: v for k, v in model_doc["projector"].items() if k != "extra"
+            }
+        model = LlavaConfig.from_dict(model_doc)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointFormatError(f"{path}: bad 'model' section: {e}") from None
     return RunConfig(model=model, source=doc.get("source") or {}, format_version=version)
@@ -124,8 +157,8 @@ def iteration_dirname(iteration: int | str) -> str:
 
 
 def write_tracker(ckpt_dir: Path, iteration: int | str) -> None:
-    """Point ``latest_checkpointed_iteration.txt`` at ``iteration``."""
-    (Path(ckpt_dir) / TRACKER).write_text(f"{iteration}\n")
+    """Point ``latest_checkpointed_iteration.txt`` at ``iteration`` (atomically)."""
+    _atomic_write(Path(ckpt_dir) / TRACKER, f"{iteration}\n")
 
 
 def read_tracker(ckpt_dir: Path) -> int | str:
@@ -152,6 +185,80 @@ def dist_checkpoint_dir(ckpt_dir: Path, iteration: int | str | None = None) -> P
     if not (path / "metadata.json").is_file():
         raise CheckpointFormatError(f"{path} is not a complete dist checkpoint (no metadata.json)")
     return path
+
+
+def complete_iterations(ckpt_dir: Path) -> list[int]:
+    """Iterations with a complete dist checkpoint in `ckpt_dir`, ascending."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for child in ckpt_dir.iterdir():
+        m = _ITER_DIR.match(child.name)
+        if m and (child / "metadata.json").is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def latest_iteration(ckpt_dir: str | Path) -> int | str | None:
+    """The checkpoint to resume from: the tracker's, else the newest complete one, else None.
+
+    Returns:
+        An iteration number, ``"release"`` (a weights-only checkpoint) or None.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tracker = ckpt_dir / TRACKER
+    if tracker.is_file():
+        try:
+            it = read_tracker(ckpt_dir)
+            dist_checkpoint_dir(ckpt_dir, it)
+            return it
+        except (ValueError, OSError) as e:
+            log.warning("%s: %s; falling back to the newest complete checkpoint", tracker, e)
+    done = complete_iterations(ckpt_dir)
+    return done[-1] if done else None
+
+
+def clean_stale(ckpt_dir: str | Path) -> None:
+    """Remove the directories a killed save left behind (rank 0 works; call before saving)."""
+    ckpt_dir = Path(ckpt_dir)
+    if rank() != 0 or not ckpt_dir.is_dir():
+        return
+    for child in ckpt_dir.iterdir():
+        if child.is_dir() and child.name.startswith(_STALE_PREFIXES):
+            log.warning("removing incomplete checkpoint %s", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def architecture_mismatch(a: LlavaConfig, b: LlavaConfig) -> list[str]:
+    """Dotted keys where two model configs differ in architecture (freezing and spec ignored)."""
+    fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def check_model_matches(ckpt_dir: str | Path, model: LlavaConfig) -> None:
+    """ValueError when `ckpt_dir`'s model differs from `model` (beyond freezing and spec)."""
+    saved = read_run_config(Path(ckpt_dir)).model
+    diff = architecture_mismatch(saved, model)
+    if diff:
+        fs, fm = _flat(saved.to_dict()), _flat(model.to_dict())
+        shown = ", ".join(f"{k}: {fs.get(k)!r} vs {fm.get(k)!r}" for k in diff[:4])
+        raise ValueError(
+            f"{ckpt_dir} holds a different model ({shown}); use the matching --preset / "
+            "--model.* overrides"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k in _ARCH_IGNORE:
+            continue
+        if isinstance(v, dict) and k != "rope_scaling":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def stored_tensors(dist_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -193,47 +300,120 @@ def save_checkpoint(
     cfg: LlavaConfig,
     *,
     iteration: int | str = RELEASE,
-    source: dict | None = None,
     extra: dict | None = None,
+    files: dict[str, str] | None = None,
     provenance_from: Path | None = None,
-) -> Path:
-    """Save the model (and ``extra`` sharded state, e.g. the optimizer's) as ``iteration``.
-
-    Collective. Rank 0 writes ``mm_megatron.json`` and, last, the tracker file.
+    keep_last: int = 0,
+    async_save: bool = False,
+):
+    """Save the model (and ``extra`` state) as checkpoint ``iteration``, atomically; collective.
 
     Args:
         model: the model or its list of virtual-pipeline chunks.
         ckpt_dir: checkpoint directory (created if needed; may already hold iterations).
         cfg: the model config (written to ``mm_megatron.json``).
         iteration: ``"release"`` or the iteration number.
-        source: run-config ``source``; default: keep the one already in ``ckpt_dir`` or
-            ``provenance_from``.
-        extra: more sharded state to save beside the model (keys must not start with ``model``).
+        extra: more state beside the model (keys must not start with ``model``): sharded
+            objects are saved per rank, anything else once as common state.
+        files: ``{name: text}`` rank 0 writes into the iteration directory.
         provenance_from: the checkpoint training started from, when saving to a different
             directory: its ``source``, ``hf_passthrough.safetensors`` and ``hf_files/`` are copied
             (once), so ``mcore-to-hf`` can still reproduce the HF original's extras.
+        keep_last: iterations to keep after this one is published (0: all).
+        async_save: write in megatron's background process.
 
     Returns:
-        The dist checkpoint directory written.
+        The published directory; with ``async_save``, megatron's ``AsyncRequest`` instead
+        (schedule it on an ``AsyncCallsQueue``; publishing is its finalize step).
     """
     ckpt_dir = Path(ckpt_dir)
-    out = ckpt_dir / iteration_dirname(iteration)
-    if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    final = ckpt_dir / iteration_dirname(iteration)
+    tmp = ckpt_dir / f".tmp_{final.name}"
+    if rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     state = model_sharded_state_dict(model)
-    if extra:
-        state.update(extra)
-    dist_checkpointing.save(state, str(out))
-    if _rank() == 0:
-        if source is None and (ckpt_dir / RUN_CONFIG).is_file():
-            source = read_run_config(ckpt_dir).source
-        if provenance_from is not None and Path(provenance_from).absolute() != ckpt_dir.absolute():
-            source = copy_provenance(Path(provenance_from), ckpt_dir, source)
-        write_run_config(ckpt_dir, cfg, source)
+    state.update(extra or {})
+    publish = functools.partial(
+        publish_checkpoint,
+        tmp,
+        cfg,
+        iteration,
+        files=files,
+        provenance_from=provenance_from,
+        keep_last=keep_last,
+    )
+    if not async_save:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+        return final
+    request = dist_checkpointing.save(
+        state, str(tmp), async_sharded_save=True, async_strategy="mcore"
+    )
+    request.finalize_fns.append(publish)
+    return request
+
+
+def publish_checkpoint(
+    tmp: Path,
+    cfg: LlavaConfig,
+    iteration: int | str,
+    *,
+    files: dict[str, str] | None = None,
+    provenance_from: Path | None = None,
+    keep_last: int = 0,
+) -> None:
+    """Turn the written ``DIR/.tmp_<name>`` into checkpoint ``iteration`` (rank 0); collective.
+
+    Order: files and run config into the temporary directory, rename it (replacing an older save
+    of the same iteration), then the top-level run config and, last, the tracker; then prune.
+    """
+    ckpt_dir, final = tmp.parent, tmp.parent / iteration_dirname(iteration)
+    if rank() == 0:
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        write_run_config(tmp, cfg, _source(ckpt_dir, provenance_from))
+        if final.exists():  # re-saving an iteration (e.g. after a resume)
+            old = final.with_name(f".old_{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _atomic_write(ckpt_dir / RUN_CONFIG, (final / RUN_CONFIG).read_text())
         write_tracker(ckpt_dir, iteration)
-    _barrier()
-    return out
+        if keep_last > 0 and iteration != RELEASE:
+            done = [it for it in complete_iterations(ckpt_dir) if it <= int(iteration)]
+            for it in done[:-keep_last]:
+                shutil.rmtree(ckpt_dir / iteration_dirname(it), ignore_errors=True)
+    barrier()
+
+
+def _source(ckpt_dir: Path, provenance_from: Path | None) -> dict:
+    """The ``source`` to write: kept from ``ckpt_dir``, else carried from ``provenance_from``."""
+    source = read_run_config(ckpt_dir).source if (ckpt_dir / RUN_CONFIG).is_file() else None
+    if provenance_from is not None and Path(provenance_from).absolute() != ckpt_dir.absolute():
+        source = copy_provenance(Path(provenance_from), ckpt_dir, source or None)
+    return source or {}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_provenance(src: Path, dst: Path, source: dict | None = None) -> dict:
@@ -245,8 +425,6 @@ def copy_provenance(src: Path, dst: Path, source: dict | None = None) -> dict:
     this once (rank 0) so ``mcore-to-hf`` on its output still reproduces the HF original's key
     spelling, unused tensors and tokenizer/processor files.
     """
-    import shutil
-
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
 
@@ -326,12 +504,3 @@ def _drop_missing_extra_state(state: dict, available: set[str]) -> dict[str, lis
                 del sd[k]
                 skipped.setdefault(top, []).append(k)
     return skipped
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

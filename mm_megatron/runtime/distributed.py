@@ -6,6 +6,8 @@ torch.distributed (gloo on the CPU, NCCL on CUDA; env:// under torchrun, a priva
 a plain single process), validates the layout sizes against the world size, creates megatron's
 TP/PP/CP/DP groups and seeds megatron's RNG tracker. ``destroy()`` undoes it (tests call it
 between layouts); ``process_groups(par)`` is both as a context manager.
+``rank()`` / ``barrier()`` are the package's one spelling of "global rank, 0 without
+torch.distributed" and "wait for every rank, a no-op in one process".
 
 Not here: the model-dependent layout checks (``mm_megatron/parallel/layout.py``), the spawning of
 local worlds (``spawn.py``).
@@ -119,3 +121,14 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's global rank (0 when torch.distributed is not started)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without torch.distributed or with one rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

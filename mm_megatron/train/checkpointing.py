@@ -1,11 +1,8 @@
-"""Full training checkpoints on the mm_megatron checkpoint format: save atomically, resume exactly.
+"""Full training checkpoints: save everything a run needs, resume it exactly.
 
-What this file does: saves and loads everything a run needs to continue bit-identically, with
-megatron-core `dist_checkpointing` (torch_dist) in the directory format of
-`mm_megatron.checkpoint.model_io` (``DIR/mm_megatron.json``,
-``DIR/latest_checkpointed_iteration.txt``, ``DIR/iter_0000100/`` with keys ``model.*``), so a
-training checkpoint is also a model checkpoint the converters and `--load` read. One iteration
-directory holds:
+What this file does: the training state on top of the model checkpoint of
+`mm_megatron.checkpoint.model_io` (which owns the directory format, atomic publishing, the tracker,
+pruning and loading; this file only adds state to it). One iteration directory holds:
 
 - ``model.*`` (``model0.*``, ... for virtual stages): the weights (sharded, layout-independent);
 - ``optimizer.*``: megatron optimizer state from ``optimizer.sharded_state_dict`` (fp32 main
@@ -17,41 +14,39 @@ directory holds:
 - ``train_state`` (common, identical on all ranks): iteration, consumed samples, skipped steps,
   scheduler state, layout and the job config; also written as ``train_state.json``.
 
-Atomicity: all ranks write into ``DIR/.tmp_iter_XXXXXXX``; when every rank is done (and
-megatron has written ``metadata.json``), rank 0 renames it to ``iter_XXXXXXX``, then replaces
-the tracker file through a temporary file, then deletes checkpoints beyond the newest `keep_last`.
-A kill at any moment leaves the tracker pointing at a complete checkpoint. With `async_save` the
-write runs in a forked process (megatron's async request) and the same finalisation runs when it
-completes. Stale ``.tmp_*`` directories are removed at the next start.
+So a training checkpoint is also a model checkpoint the converters and `--load` read.
+`Checkpointer` saves (optionally in a background process); `load_training_state` restores model,
+optimizer, scheduler, RNG (only at the same layout) and data position (only at the same DP size);
+`load_weights` reads just the model (`--load`, e.g. a converter's ``release``). The directory
+helpers the trainer uses (`latest_iteration`, `clean_stale`, `check_model_matches`,
+`complete_iterations`) are model_io's, re-exported here.
 
-Loading: `latest_iteration(DIR)` follows the tracker (falling back to the newest complete
-``iter_*`` directory). `load_training_state` restores model, optimizer, scheduler, RNG (only at
-the same layout) and data position (only at the same DP size); `load_weights` reads just the
-model (`--load`, e.g. a converter's ``release``).
-
-What it does not do: decide when to save (the trainer does), or convert formats.
+What it does not do: decide when to save (the trainer does), define the directory format
+(model_io), or convert formats.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
 
 from mm_megatron.checkpoint import model_io
+from mm_megatron.checkpoint.model_io import (  # noqa: F401  (the trainer's entry points)
+    check_model_matches,
+    clean_stale,
+    complete_iterations,
+    latest_iteration,
+)
 from mm_megatron.config.model_config import LlavaConfig
-from mm_megatron.train.components import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +62,6 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 TRAIN_STATE_JSON = "train_state.json"
 """Human-readable copy of the common training state inside each iteration directory."""
 
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
-_ARCH_IGNORE = ("freeze_vision", "freeze_projector", "freeze_lm", "init_method_std", "spec")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
 
 def layout_info() -> dict[str, int]:
     """This job's parallel sizes (what RNG and data states depend on)."""
@@ -89,105 +72,6 @@ def layout_info() -> dict[str, int]:
         "cp": ps.get_context_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
     }
-
-
-# --- directory helpers --------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def complete_iterations(ckpt_dir: Path) -> list[int]:
-    """Iterations with a complete dist checkpoint in `ckpt_dir`, ascending."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    out = []
-    for child in ckpt_dir.iterdir():
-        m = _ITER_DIR.match(child.name)
-        if m and (child / "metadata.json").is_file():
-            out.append(int(m.group(1)))
-    return sorted(out)
-
-
-def latest_iteration(ckpt_dir: str | Path) -> int | str | None:
-    """The checkpoint to resume from: the tracker's, else the newest complete one, else None.
-
-    Returns:
-        An iteration number, ``"release"`` (a weights-only checkpoint) or None.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    tracker = ckpt_dir / model_io.TRACKER
-    if tracker.is_file():
-        try:
-            it = model_io.read_tracker(ckpt_dir)
-            model_io.dist_checkpoint_dir(ckpt_dir, it)
-            return it
-        except (ValueError, OSError) as e:
-            log.warning("%s: %s; falling back to the newest complete checkpoint", tracker, e)
-    done = complete_iterations(ckpt_dir)
-    return done[-1] if done else None
-
-
-def clean_stale(ckpt_dir: Path) -> None:
-    """Remove temporary directories a killed save left behind (rank 0; call before saving)."""
-    if _rank() != 0 or not Path(ckpt_dir).is_dir():
-        return
-    for child in Path(ckpt_dir).iterdir():
-        if child.is_dir() and child.name.startswith((".tmp_iter_", ".old_iter_")):
-            log.warning("removing incomplete checkpoint %s", child)
-            shutil.rmtree(child, ignore_errors=True)
-
-
-def architecture_mismatch(a: LlavaConfig, b: LlavaConfig) -> list[str]:
-    """Dotted keys where two model configs differ in architecture (freezing and spec ignored)."""
-
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            if k in _ARCH_IGNORE:
-                continue
-            if isinstance(v, dict) and k != "rope_scaling":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    fa, fb = flat(a.to_dict()), flat(b.to_dict())
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
-
-
-def check_model_matches(ckpt_dir: Path, model: LlavaConfig) -> None:
-    """ValueError when `ckpt_dir`'s model differs from `model` (beyond freezing)."""
-    saved = model_io.read_run_config(ckpt_dir).model
-    diff = architecture_mismatch(saved, model)
-    if diff:
-        shown = ", ".join(f"{k}: {_get(saved, k)!r} vs {_get(model, k)!r}" for k in diff[:4])
-        raise ValueError(
-            f"{ckpt_dir} holds a different model ({shown}); use the matching --preset / "
-            "--model.* overrides"
-        )
-
-
-def _get(cfg: LlavaConfig, dotted: str) -> Any:
-    node: Any = cfg.to_dict()
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 # --- state pieces ---------------------------------------------------------------------------
@@ -250,7 +134,7 @@ def _data_sharded(data: Any) -> ShardedObject:
 
 
 def _models(chunks: list) -> list:
-    return [unwrap(c) for c in chunks]
+    return unwrap_model(list(chunks))
 
 
 def _optimizer_sharded(optimizer, chunks: list, is_loading: bool) -> dict:
@@ -290,7 +174,6 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self.provenance_from = Path(provenance_from) if provenance_from else None
-        self._source: dict | None = None
         self._queue = None
         self.last_saved: int | None = None
         """Iteration of the newest checkpoint started by this process."""
@@ -306,71 +189,30 @@ class Checkpointer:
             train_state: Common state, identical on every rank (JSON-serialisable).
         """
         self.finalize(blocking=True)  # one save in flight at a time
-        final = self.save_dir / model_io.iteration_dirname(iteration)
-        tmp = self.save_dir / f".tmp_{final.name}"
-        if _rank() == 0:
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        state = model_io.model_sharded_state_dict(_models(chunks))
-        state["optimizer"] = _optimizer_sharded(optimizer, chunks, is_loading=False)
-        state["rng_state"] = _rng_sharded(_rng_state())
-        state["data_state"] = _data_sharded(data_state)
-        state["train_state"] = train_state
-
-        def finalize() -> None:
-            self._finalize(tmp, final, iteration, train_state)
-
-        if not self.async_save:
-            dist_checkpointing.save(state, str(tmp))
-            finalize()
-        else:
+        extra = {
+            "optimizer": _optimizer_sharded(optimizer, chunks, is_loading=False),
+            "rng_state": _rng_sharded(_rng_state()),
+            "data_state": _data_sharded(data_state),
+            "train_state": train_state,
+        }
+        out = model_io.save_checkpoint(
+            _models(chunks),
+            self.save_dir,
+            self.model,
+            iteration=iteration,
+            extra=extra,
+            files={TRAIN_STATE_JSON: json.dumps(train_state, indent=2) + "\n"},
+            provenance_from=self.provenance_from,
+            keep_last=self.keep_last,
+            async_save=self.async_save,
+        )
+        if self.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-            request = dist_checkpointing.save(
-                state, str(tmp), async_sharded_save=True, async_strategy="mcore"
-            )
-            request.finalize_fns.append(finalize)
             if self._queue is None:
                 self._queue = AsyncCallsQueue()
-            self._queue.schedule_async_request(request)
+            self._queue.schedule_async_request(out)
         self.last_saved = iteration
-
-    def _finalize(self, tmp: Path, final: Path, iteration: int, train_state: dict) -> None:
-        if _rank() == 0:
-            (tmp / TRAIN_STATE_JSON).write_text(json.dumps(train_state, indent=2) + "\n")
-            model_io.write_run_config(tmp, self.model, self._provenance())
-            if final.exists():  # re-saving an iteration (e.g. after a resume)
-                old = final.with_name(f".old_{final.name}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync_dir(self.save_dir)
-            run_config = self.save_dir / model_io.RUN_CONFIG
-            _atomic_write(run_config, (final / model_io.RUN_CONFIG).read_text())
-            _atomic_write(self.save_dir / model_io.TRACKER, f"{iteration}\n")
-            self._prune(iteration)
-        _barrier()
-
-    def _provenance(self) -> dict:
-        """The run config's ``source`` (rank 0): kept from `save_dir`, else from `--load`."""
-        if self._source is None:
-            src = self.provenance_from
-            if (self.save_dir / model_io.RUN_CONFIG).is_file():
-                self._source = model_io.read_run_config(self.save_dir).source
-            if src is not None and src.absolute() != self.save_dir.absolute():
-                self._source = model_io.copy_provenance(src, self.save_dir, self._source or None)
-            self._source = self._source or {}
-        return self._source
-
-    def _prune(self, newest: int) -> None:
-        if self.keep_last <= 0:
-            return
-        done = [it for it in complete_iterations(self.save_dir) if it <= newest]
-        for it in done[: -self.keep_last]:
-            shutil.rmtree(self.save_dir / model_io.iteration_dirname(it), ignore_errors=True)
 
     def finalize(self, blocking: bool = False) -> None:
         """Finish async saves that are done (all of them when `blocking`); collective."""

@@ -26,7 +26,6 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mm_megatron.model.build import build_model_chunks
-from mm_megatron.model.llava import LlavaModel
 from mm_megatron.model.transformer_configs import Recompute
 from mm_megatron.runtime import cpu_runtime
 from mm_megatron.train.config import JobConfig
@@ -37,13 +36,6 @@ def resolve_dtype(precision: str) -> torch.dtype:
     if precision == "auto":
         return torch.float32 if cpu_runtime.on_cpu() else torch.bfloat16
     return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def unwrap(chunk) -> LlavaModel:
-    """The `LlavaModel` inside a (DDP-)wrapped chunk."""
-    while not isinstance(chunk, LlavaModel):
-        chunk = chunk.module
-    return chunk
 
 
 def build_model(job: JobConfig, dtype: torch.dtype) -> list:

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.data import DataConfig, TokenizerInfo, build_dataloader
 from mm_megatron.model.image_tokens import ImageTokenCounter
+from mm_megatron.runtime.distributed import barrier, rank
 from mm_megatron.train.config import JobConfig
 
 SYNTHETIC_DIRNAME = "synthetic-data"
@@ -57,15 +57,6 @@ class ResolvedData:
     """Label vocabularies of the synthetic dataset (colours, shapes, positions)."""
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, seed: int) -> dict:
     """Generate the synthetic dataset into `out_dir` unless it is there already; collective.
 
@@ -81,7 +72,7 @@ def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, se
     from mm_megatron.data.synthetic import write_synthetic_dataset
 
     info_path = out_dir / "dataset_info.json"
-    if _rank() == 0 and not info_path.is_file():
+    if rank() == 0 and not info_path.is_file():
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_synthetic_dataset(
@@ -95,7 +86,7 @@ def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, se
         )
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
-    _barrier()
+    barrier()
     return json.loads(info_path.read_text(encoding="utf-8"))
 
 

@@ -22,10 +22,10 @@ import re
 from typing import Any
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from mm_megatron.data.batch import IGNORE_INDEX
 from mm_megatron.parallel.schedule import forward_backward
-from mm_megatron.train.components import unwrap
 
 
 def validation_loss(chunks: list, step_batches, iters: int) -> float:
@@ -72,7 +72,7 @@ def caption_attribute_accuracy(
     """
     if len(chunks) != 1:
         raise ValueError("caption accuracy needs PP=1")
-    model = unwrap(chunks[0])
+    model = unwrap_model(chunks[0])
     if model.language_model.config.context_parallel_size > 1:
         raise ValueError("caption accuracy needs CP=1")
     colours, shapes = labels["colours"], labels["shapes"]

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import unwrap_model
 
 from mm_megatron.model.llava import LlavaModel
 
@@ -35,12 +36,6 @@ _VOCAB_PARAMS = (
     "language_model.embedding.word_embeddings.weight",
     "language_model.output_layer.weight",
 )
-
-
-def _unwrap(model) -> LlavaModel:
-    while not isinstance(model, LlavaModel):
-        model = model.module
-    return model
 
 
 def global_name(model: LlavaModel, local: str, pp_rank: int) -> str:
@@ -119,7 +114,7 @@ def load_full_state_dict(
 ) -> None:
     """Copy this rank's shards of ``full`` into the model chunk(s) (DDP-wrapped or not)."""
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 gname = global_name(model, name, pp_rank)
@@ -148,7 +143,7 @@ def gather_full(
     mine: dict[tuple[str, int], tuple] = {}
     vocab = 0
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         vocab = model.cfg.lm.vocab_size
         for name, p in model.named_parameters():
             if grads:

@@ -120,19 +120,19 @@ def test_signal_saves_and_exits_cleanly(data_dir, tmp_path, sig):
 
 KILL_IN_SAVE = """
 import os, signal, sys
-from mm_megatron.train import checkpointing
+from mm_megatron.checkpoint import model_io
 
-original = checkpointing.Checkpointer._finalize
+original = model_io.publish_checkpoint
 count = [0]
 
-def finalize(self, tmp, final, iteration, train_state):
+def publish(*args, **kwargs):
     count[0] += 1
     if count[0] == 2:  # the second save: its files are written, nothing is renamed yet
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, tmp, final, iteration, train_state)
+    return original(*args, **kwargs)
 
-checkpointing.Checkpointer._finalize = finalize
+model_io.publish_checkpoint = publish
 
 if __name__ == "__main__":
     from mm_megatron.cli import main
