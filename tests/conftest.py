@@ -18,8 +18,9 @@ def pytest_configure(config):
     # The CLI's message-exact filters of known-harmless start-up warnings, as pytest filters
     # (filters set while conftest is imported do not outlive pytest's warnings capture).
     startup_warnings.install()  # the log-record filters
-    for text in startup_warnings.KNOWN_WARNINGS:
-        config.addinivalue_line("filterwarnings", f"ignore:{re.escape(text)}\\Z:UserWarning")
+    for category, text in startup_warnings.KNOWN_WARNINGS:
+        line = f"ignore:{re.escape(text)}\\Z:{category.__name__}"
+        config.addinivalue_line("filterwarnings", line)
 
 
 def pytest_addoption(parser):

@@ -12,11 +12,15 @@ every start of a run that are not the user's to act on:
   not use MIMO);
 - "full scope is deprecated" (megatron's own default of ``cuda_graph_modules``; we do not
   capture CUDA graphs);
+- torch's FutureWarnings that ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are
+  deprecated (megatron's sequence-parallel collectives call them, once per call site and rank);
 - torch's "No CUDA runtime is found, using CUDA_HOME=..." (only relevant to building C++
   extensions, which we never do).
 
-Every other warning stays visible: the filters match the whole message text (warnings) or the
-exact format string and logger (log records), never a category or a module alone.
+Every other warning stays visible: the filters match the whole message text and category
+(warnings) or the exact format string and logger (log records), never a category or a module
+alone. (megatron's advice to set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with sequence parallelism is
+kept: on a GPU it is the launcher's to act on.)
 
 What it does not do: silence anything in library use (only ``mm_megatron.cli`` calls
 `install()`), or fix the causes (the "Rewrapping ModuleSpec" notice is fixed at its source in
@@ -32,18 +36,43 @@ import re
 import sys
 import warnings
 
-KNOWN_WARNINGS = (
-    "Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
-    "Transformer Engine and Apex are not installed. Falling back to local implementations of "
-    "multi_tensor_applier and multi_tensor_scale",
-    "Transformer Engine and Apex are not installed. Falling back to local implementations of "
-    "multi_tensor_applier, multi_tensor_l2norm, and multi_tensor_scale",
-    "Apex is not installed. Falling back to Torch Norm",
-    "MimoModelConfig is experimental and still under active development. The API may change "
-    "without notice in future releases.",
-    "full scope is deprecated. Use empty cuda_graph_modules to capture the whole layer.",
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (
+        UserWarning,
+        "Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+    ),
+    (
+        UserWarning,
+        "Transformer Engine and Apex are not installed. Falling back to local implementations of "
+        "multi_tensor_applier and multi_tensor_scale",
+    ),
+    (
+        UserWarning,
+        "Transformer Engine and Apex are not installed. Falling back to local implementations of "
+        "multi_tensor_applier, multi_tensor_l2norm, and multi_tensor_scale",
+    ),
+    (UserWarning, "Apex is not installed. Falling back to Torch Norm"),
+    (
+        UserWarning,
+        "MimoModelConfig is experimental and still under active development. The API may change "
+        "without notice in future releases.",
+    ),
+    (
+        UserWarning,
+        "full scope is deprecated. Use empty cuda_graph_modules to capture the whole layer.",
+    ),
+    (
+        FutureWarning,
+        "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+        "`torch.distributed.all_gather_single` instead.",
+    ),
+    (
+        FutureWarning,
+        "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+        "`torch.distributed.reduce_scatter_single` instead.",
+    ),
 )
-"""Full texts of the `warnings.warn` messages silenced (all UserWarning)."""
+"""(category, full text) of the `warnings.warn` messages silenced."""
 
 KNOWN_LOG_RECORDS = {
     "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED. ",
@@ -66,8 +95,8 @@ def install() -> None:
     """Silence the known-harmless start-up warnings (idempotent; call before importing megatron)."""
     if _installed:
         return
-    for text in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=re.escape(text) + r"\Z", category=UserWarning)
+    for category, text in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(text) + r"\Z", category=category)
     for name in KNOWN_LOG_RECORDS:
         logging.getLogger(name).addFilter(_drop_known_record)
     _installed.append(True)

@@ -80,9 +80,9 @@ def test_filters_are_message_exact():
         warnings.simplefilter("default")
         startup_warnings._installed.clear()
         startup_warnings.install()  # re-add the filters inside this context
-        for text in startup_warnings.KNOWN_WARNINGS:
-            warnings.warn(text, UserWarning, stacklevel=1)
-            warnings.warn(text + " and something else", UserWarning, stacklevel=1)
+        for category, text in startup_warnings.KNOWN_WARNINGS:
+            warnings.warn(text, category, stacklevel=1)
+            warnings.warn(text + " and something else", category, stacklevel=1)
             warnings.warn(text, RuntimeWarning, stacklevel=1)
     shown = [(w.category, str(w.message)) for w in caught]
     assert len(shown) == 2 * len(startup_warnings.KNOWN_WARNINGS)

@@ -168,3 +168,18 @@ def test_recompute_runs_and_changes_nothing(data_dir, tmp_path, monkeypatch, gra
     assert granularity in calls
     for it in (1, 2):
         assert got.losses[it] == pytest.approx(ref.losses[it], rel=1e-6)
+
+
+def test_run_config_written_before_projector_extra_was_removed_still_reads(tmp_path):
+    from mm_megatron.config import get_preset
+
+    cfg = get_preset("debug-tiny")
+    model_io.write_run_config(tmp_path, cfg)
+    doc = json.loads((tmp_path / model_io.RUN_CONFIG).read_text())
+    doc["model"]["projector"]["extra"] = {}  # what older versions wrote
+    (tmp_path / model_io.RUN_CONFIG).write_text(json.dumps(doc))
+    assert model_io.read_run_config(tmp_path).model == cfg
+    doc["model"]["projector"]["extra"] = {"queries": 64}  # a non-empty one is not silently lost
+    (tmp_path / model_io.RUN_CONFIG).write_text(json.dumps(doc))
+    with pytest.raises(model_io.CheckpointFormatError, match=r"model\.projector\.extra"):
+        model_io.read_run_config(tmp_path)
