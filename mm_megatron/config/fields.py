@@ -96,7 +96,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if hint is str:
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
+        if not isinstance(value, str | int | float):
             raise ValueError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if origin is dict or hint is dict:
