@@ -30,6 +30,7 @@ setup(
         "psutil",  # megatron dist_checkpointing's writer needs it
         "pyyaml",
         "tqdm",
+        "matplotlib",  # the bench sweep's plot
     ],
     extras_require={
         # GPU only. Builds against the local CUDA toolkit.

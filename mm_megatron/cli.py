@@ -18,6 +18,7 @@ COMMANDS = {
     "data": "mm_megatron.commands.data_cmd",
     "train": "mm_megatron.commands.train_cmd",
     "convert": "mm_megatron.commands.convert_cmd",
+    "bench": "mm_megatron.commands.bench_cmd",
 }
 
 

@@ -94,6 +94,21 @@ class VisionEncoder(MegatronModule):
             if self.vcfg.has_class_token:
                 torch.nn.init.normal_(self.class_token, std=std)
 
+    @staticmethod
+    def forward_flops(vcfg: VisionConfig, num_images: int = 1) -> int:
+        """Model FLOPs of one forward pass over ``num_images`` images (only the layers built).
+
+        Per image with ``p`` positions (patches + class token), width ``h``, MLP width ``f``:
+        the patch conv ``2 * (C * k^2 * h) * patches``, then per layer the matmuls
+        ``2 * p * (4 h^2 + 2 h f)`` (QKV, output, fc1, fc2) and bidirectional attention
+        ``4 * p^2 * h`` (``QK^T`` and ``AV``, nothing masked). Norms, biases and activations are
+        ignored (architecture.md, "FLOPs for MFU").
+        """
+        h, f, p = vcfg.hidden_size, vcfg.ffn_hidden_size, vcfg.num_positions
+        patch = 2 * (vcfg.num_channels * vcfg.patch_size * vcfg.patch_size * h) * vcfg.num_patches
+        per_layer = 2 * p * (4 * h * h + 2 * h * f) + 4 * p * p * h
+        return num_images * (patch + vcfg.num_layers_built * per_layer)
+
     def set_input_tensor(self, input_tensor) -> None:
         """The ViT is never pipelined; megatron's schedules may still call this."""
         return None

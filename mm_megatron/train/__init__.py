@@ -1,4 +1,6 @@
-"""Training on megatron-core: config, loop, optimizer/schedule, checkpoints, logging, FLOPs.
+"""Training on megatron-core: config, loop, optimizer/schedule, checkpoints, logging.
+
+Model FLOPs and the throughput arithmetic of the log line live in `mm_megatron.bench`.
 
 Modules, by role:
 - `config.py`: `TrainConfig`, `JobConfig`, YAML + dotted overrides (`load_job_config`).
@@ -9,7 +11,6 @@ Modules, by role:
 - `checkpointing.py`: atomic full-state checkpoints (model, optimizer, RNG, scheduler, data).
 - `metrics.py`: log line, memory line, TensorBoard, metrics.jsonl.
 - `evaluate.py`: validation loss, caption attribute accuracy on the synthetic data.
-- `flops.py`: model FLOPs per step (ViT, projector, LM; frozen parts counted correctly).
 
 Heavy imports (torch, megatron) happen in the sub-modules; importing this package is cheap.
 """

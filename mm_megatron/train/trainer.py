@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mm_megatron.bench.flops import train_step_flops
+from mm_megatron.bench.throughput import throughput
 from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.layout import validate_layout
@@ -62,7 +64,6 @@ from mm_megatron.train.data_setup import (
     resolve_data,
 )
 from mm_megatron.train.evaluate import caption_attribute_accuracy, validation_loss
-from mm_megatron.train.flops import train_step_flops
 from mm_megatron.train.metrics import (
     IntervalStats,
     MetricsWriter,
@@ -335,8 +336,10 @@ class Trainer:
         t = self.job.train
         elapsed = max(time.perf_counter() - interval.start - paused, 1e-9)
         per_iter_ms = 1000.0 * elapsed / interval.steps
-        tokens_per_gpu = interval.tokens / elapsed / self.world
-        tflops_per_gpu = interval.flops / elapsed / self.world / 1e12
+        rates = throughput(
+            tokens=interval.tokens, flops=interval.flops, seconds=elapsed, world_size=self.world
+        )
+        tokens_per_gpu, tflops_per_gpu = rates.tokens_per_sec_per_gpu, rates.tflops_per_gpu
         values = {
             "lm_loss": interval.mean_loss,
             "grad_norm": step["grad_norm"],

@@ -14,12 +14,12 @@ import os
 import pytest
 import torch
 
+from mm_megatron.bench.flops import train_step_flops
 from mm_megatron.data import DataConfig, build_dataloader, validate_batch
 from mm_megatron.data.synthetic import write_synthetic_dataset
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.merge import plan_merge
 from mm_megatron.model.projector import projector_class
-from mm_megatron.train.flops import train_step_flops
 from tests.distributed.launcher import run_distributed
 from tests.distributed.parity import assert_parity, full_weights, run_layouts, tiny_config
 
