@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "mm_megatron.commands.train_cmd",
     "convert": "mm_megatron.commands.convert_cmd",
     "bench": "mm_megatron.commands.bench_cmd",
+    "plan": "mm_megatron.commands.plan_cmd",
 }
 
 
