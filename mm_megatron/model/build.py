@@ -132,6 +132,13 @@ def build_model_chunks(
         for i in range(vp)
     ]
     config = chunks[0].config
+    from mm_megatron.runtime import cpu_runtime
+
+    if torch.cuda.is_available() and not cpu_runtime.is_active():
+        # NOTE: before the DDP wrap, which builds grad buffers around the parameters (as
+        # Megatron-LM's get_model): the ViT's embeddings and norms are created on the CPU.
+        for c in chunks:
+            c.cuda(torch.cuda.current_device())
     if not ddp:
         return chunks
     ddp_config = DistributedDataParallelConfig(
