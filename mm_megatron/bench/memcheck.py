@@ -27,18 +27,17 @@ def check(preset: str, mbs: int, seq: int, spec: str) -> dict[str, Any]:
     """Model vs measurement for one micro-batch size (single rank, world size 1)."""
     from mm_megatron.bench.batches import synthetic_batch
     from mm_megatron.bench.measure import SavedActivations, model_state_bytes
-    from mm_megatron.bench.memory import Workload, estimate
+    from mm_megatron.bench.memory import Workload, estimate, model_params
     from mm_megatron.config import ParallelConfig
-    from mm_megatron.model.summary import collect_params
     from mm_megatron.parallel.schedule import forward_backward
     from mm_megatron.runtime import cpu_runtime, distributed
+    from mm_megatron.train.components import build_model, build_optimizer, optimizer_step
     from mm_megatron.train.config import load_job_config
-    from mm_megatron.train.setup import build_model, build_optimizer, optimizer_step
 
-    cuda = torch.cuda.is_available() and not cpu_runtime.is_active()
+    cuda = cpu_runtime.cuda_in_use()
     job = load_job_config(preset, overrides={"train": {"micro_batch_size": mbs}})
     job.model.set_spec(spec)
-    params = collect_params(job.model)
+    params = model_params(job.model)
     dtype = torch.bfloat16 if cuda else torch.float32
     w = Workload(seq=seq, mbs=mbs, dtype_bytes=2 if cuda else 4)
     model = estimate(job.model, params, ParallelConfig(), 1, w, 1)[0]

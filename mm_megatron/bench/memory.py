@@ -3,7 +3,7 @@
 What this file does, for one layout (TP/PP/CP/DP, SP, virtual stages, uneven first stage):
 
 - **Model state** per pipeline rank, from the parameter list of the real model (built once on
-  the ``meta`` device, `mm_megatron.model.summary.collect_params`) and megatron's sharding rules:
+  the ``meta`` device, `model_params`) and megatron's sharding rules:
   weights (``params x dtype``), gradients (megatron DDP keeps them in an fp32 buffer,
   ``grad_reduce_in_fp32``: 4 bytes per trained parameter) and optimizer state (Adam: exp_avg and
   exp_avg_sq in fp32, plus fp32 main parameters when the weights are bf16; SGD: a momentum
@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.config.parallel_config import ParallelConfig
-from mm_megatron.model.summary import ParamInfo, shard_numel, stage_layers
+from mm_megatron.model.summary import ParamInfo, shard_numel
+from mm_megatron.parallel.layout import stage_layers
 
 FP32 = 4
 """Bytes of an fp32 element (gradient buffer, optimizer state, cross-entropy softmax)."""
@@ -114,6 +115,16 @@ class RankMemory:
 
 
 # --- parameters and model state ---------------------------------------------------------------
+
+
+def model_params(cfg: LlavaConfig) -> list[ParamInfo]:
+    """The real model's parameters (built once at TP=PP=1 on the meta device, in its own
+    single-process megatron state, which is torn down again)."""
+    from mm_megatron.model.summary import collect_params
+    from mm_megatron.runtime.distributed import process_groups
+
+    with process_groups():
+        return collect_params(cfg)
 
 
 def lm_layer_owner(cfg: LlavaConfig, par: ParallelConfig) -> list[tuple[int, int]]:

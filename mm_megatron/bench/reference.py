@@ -7,7 +7,7 @@ Rows, each trained for ``--warmup`` + ``--steps`` optimizer steps on the same sy
 shape (``--seq`` = image tokens + text, ``--mbs`` rows; ref-1.4b: 576 + 448 = 1024, micro-batch
 8), random init, bf16 on CUDA (fp32 in the dry run), fused AdamW:
 
-- ``mm_megatron te`` / ``mm_megatron local``: our model, optimizer and step (`train.setup`,
+- ``mm_megatron te`` / ``mm_megatron local``: our model, optimizer and step (`train.components`,
   `parallel.schedule`), the two specs;
 - ``megatron LLaVAModel (te)``: megatron-core's own multimodal model on TE specs;
 - ``hf sdpa`` / ``hf sdpa + compile``: transformers' ``LlavaForConditionalGeneration``
@@ -49,7 +49,7 @@ BASELINE = "hf sdpa"
 def _cuda() -> bool:
     from mm_megatron.runtime import cpu_runtime
 
-    return torch.cuda.is_available() and not cpu_runtime.is_active()
+    return cpu_runtime.cuda_in_use()
 
 
 def _sync() -> None:
@@ -121,8 +121,8 @@ def reference_config(dry_run: bool):
 
 def _mm_megatron_step(cfg, spec: str, batch: dict, dtype: torch.dtype):
     from mm_megatron.parallel.schedule import forward_backward
+    from mm_megatron.train.components import build_model, build_optimizer, optimizer_step
     from mm_megatron.train.config import load_job_config
-    from mm_megatron.train.setup import build_model, build_optimizer, optimizer_step
 
     cfg.set_spec(spec)
     job = load_job_config(overrides={"train": {"micro_batch_size": batch["input_ids"].shape[0]}},

@@ -6,7 +6,7 @@ Launched by `mm_megatron.bench.sweep` (one job per layout)::
 
 ``JOB.json`` holds a `JobConfig` dict plus ``bench`` settings (steps, warm-up, sequence length,
 images per sample, peak TFLOP/s). Every rank builds its part of the model, the megatron
-optimizer and schedules exactly as the trainer does (`mm_megatron.train.setup`,
+optimizer and schedules exactly as the trainer does (`mm_megatron.train.components`,
 `mm_megatron.parallel.schedule`), then times ``warmup + steps`` optimizer steps on synthetic
 batches (`batches.py`), separately timing the wait for the step's micro-batches. Rank 0 writes
 ``RESULT.json``: per-step times, their median and spread, the shared throughput arithmetic
@@ -32,7 +32,7 @@ def _sync() -> None:
 
     from mm_megatron.runtime import cpu_runtime
 
-    if torch.cuda.is_available() and not cpu_runtime.is_active():
+    if cpu_runtime.cuda_in_use():
         torch.cuda.synchronize()
 
 
@@ -56,14 +56,21 @@ def run(job_dict: dict, out: Path) -> dict:
     from mm_megatron.parallel.layout import validate_layout
     from mm_megatron.parallel.schedule import forward_backward
     from mm_megatron.runtime import distributed
+    from mm_megatron.train.components import (
+        build_model,
+        build_optimizer,
+        optimizer_step,
+        resolve_dtype,
+    )
     from mm_megatron.train.config import JobConfig
-    from mm_megatron.train.setup import build_model, build_optimizer, optimizer_step, resolve_dtype
 
     bench = job_dict.pop("bench")
     job = JobConfig.from_dict(job_dict)
     t, cfg = job.train, job.model
     seq, images = int(bench["seq"]), int(bench["images"])
-    if not torch.cuda.is_available():
+    from mm_megatron.runtime import cpu_runtime
+
+    if cpu_runtime.on_cpu():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     distributed.initialize(job.parallel, seed=t.seed)
@@ -80,7 +87,7 @@ def run(job_dict: dict, out: Path) -> dict:
         dtype = resolve_dtype(t.precision)
         chunks = build_model(job, dtype)
         optimizer = build_optimizer(job, chunks, dtype)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = cpu_runtime.device()
         gen = torch.Generator().manual_seed(t.seed + parallel_state.get_data_parallel_rank())
         step_times, data_times = [], []
         for step in range(int(bench["warmup"]) + int(bench["steps"])):
@@ -125,7 +132,7 @@ def run(job_dict: dict, out: Path) -> dict:
             "dp": dp,
             "micro_batches": n_micro,
             "dtype": str(dtype).removeprefix("torch."),
-            "device": device,
+            "device": device.type,
             "step_times_s": times.tolist(),
             "step_time_median_s": summary.median,
             "step_time_spread_s": summary.spread,

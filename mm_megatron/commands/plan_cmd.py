@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     from mm_megatron.bench.gpus import gpu_spec
-    from mm_megatron.bench.memory import Workload
+    from mm_megatron.bench.memory import Workload, model_params
     from mm_megatron.bench.planner import (
         DEFAULT_EFFICIENCY,
         calibrate,
@@ -45,7 +45,6 @@ def _run(args: argparse.Namespace) -> int:
     )
     from mm_megatron.config import get_preset
     from mm_megatron.model.image_tokens import image_token_count
-    from mm_megatron.model.summary import collect_params
 
     for name in ("gpus", "mbs", "gbs", "images", "top"):
         if getattr(args, name) < 1:
@@ -54,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     gpu = gpu_spec(args.gpu)
     seq = args.seq or args.images * image_token_count(cfg) + 448
     w = Workload(seq=seq, mbs=args.mbs, images=args.images, dtype_bytes=2)
-    params = collect_params(cfg)
+    params = model_params(cfg)
     efficiency, source = args.efficiency or DEFAULT_EFFICIENCY, "default"
     if args.efficiency:
         source = "--efficiency"

@@ -134,7 +134,7 @@ def build_model_chunks(
     config = chunks[0].config
     from mm_megatron.runtime import cpu_runtime
 
-    if torch.cuda.is_available() and not cpu_runtime.is_active():
+    if cpu_runtime.cuda_in_use():
         # NOTE: before the DDP wrap, which builds grad buffers around the parameters (as
         # Megatron-LM's get_model): the ViT's embeddings and norms are created on the CPU.
         for c in chunks:

@@ -66,7 +66,7 @@ def _measure(rank, world, cases):
     from mm_megatron.bench.batches import synthetic_batch
     from mm_megatron.bench.measure import SavedActivations, model_state_bytes
     from mm_megatron.parallel.schedule import forward_backward
-    from mm_megatron.train.setup import build_model, build_optimizer, optimizer_step
+    from mm_megatron.train.components import build_model, build_optimizer, optimizer_step
 
     out = {}
     for case in cases:
@@ -106,8 +106,7 @@ def measured():
 
 
 def _predict(case):
-    from mm_megatron.bench.memory import Workload, estimate
-    from mm_megatron.model.summary import collect_params
+    from mm_megatron.bench.memory import Workload, estimate, model_params
 
     job, seq = _job(case)
     t = job.train
@@ -119,7 +118,7 @@ def _predict(case):
         distributed_optimizer=t.use_distributed_optimizer,
     )
     dp = 2 // job.parallel.model_parallel_size
-    return estimate(job.model, collect_params(job.model), job.parallel, dp, w, 1)
+    return estimate(job.model, model_params(job.model), job.parallel, dp, w, 1)
 
 
 @pytest.mark.parametrize("case", list(CASES))

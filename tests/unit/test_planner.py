@@ -15,10 +15,10 @@ from mm_megatron.config import ParallelConfig, get_preset
 
 @pytest.fixture(scope="module")
 def llava7b():
-    from mm_megatron.model.summary import collect_params
+    from mm_megatron.bench.memory import model_params
 
     cfg = get_preset("llava-1.5-7b")
-    return cfg, collect_params(cfg)
+    return cfg, model_params(cfg)
 
 
 def test_in_flight_microbatches():
