@@ -247,8 +247,16 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Bars of tokens/s/GPU and peak memory per layout (failed layouts marked)."""
-    import matplotlib
+    """Bars of tokens/s/GPU and peak memory per layout (failed layouts marked).
+
+    Without matplotlib (e.g. a bare GPU image) the plot is skipped with a note; the CSV and JSON
+    are written regardless.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"[bench] matplotlib is not installed: {path} not written", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
