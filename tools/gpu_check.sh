@@ -26,7 +26,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-560}
+BUDGET=${GPU_CHECK_BUDGET:-$( [ "$DRY" = 1 ] && echo 1800 || echo 560 )}  # seconds for all checks
 WORK=$(mktemp -d)
 if [ "$DRY" = 1 ]; then
   PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -71,13 +71,13 @@ if [ "$DRY" = 0 ]; then
     run install 120 "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .gpu-wheels/*.whl
   fi
 fi
-run env 60 "$PY" tools/gpu_check.py env "$OUT/env.json"
+run env 120 "$PY" tools/gpu_check.py env "$OUT/env.json"
 run gpu_tests 150 "$PY" -m pytest -q -rA tests/gpu --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
 
 # curves: the CPU fp32 reference runs on the CPU cores while the GPU runs go one after another
-run data 60 "$PY" -m mm_megatron data synth --out "$WORK/data" --n-train 400 --n-val 16 \
+run data 120 "$PY" -m mm_megatron data synth --out "$WORK/data" --n-train 400 --n-val 16 \
   --image-size 64 --vocab-size 512 --seed 0
-run init 60 "${CPU_ENV[@]}" "$PY" tools/gpu_check.py init-ckpt "$WORK/init"
+run init 120 "${CPU_ENV[@]}" "$PY" tools/gpu_check.py init-ckpt "$WORK/init"
 TE_SPEC=(--model.lm.spec=te --model.vision.spec=te --model.projector.spec=te)
 [ "$DRY" = 1 ] && TE_SPEC=()
 ( run curve_cpu_fp32 200 "${CPU_ENV[@]}" bash -c "$(declare -f train); PY=$PY WORK=$WORK train $WORK/cpu --fp32 --train-iters $STEPS" ) &
