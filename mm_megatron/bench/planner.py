@@ -169,7 +169,7 @@ class _Costs:
 
 
 def _costs(cfg: LlavaConfig, plan: Plan, w: Workload, gbs: int) -> _Costs:
-    from mm_megatron.bench.flops import forward_flops, training_multipliers
+    from mm_megatron.model.flops import forward_flops, training_multipliers
 
     fwd = forward_flops(cfg, [w.seq] * w.mbs, w.mbs * w.images)
     mv, mp, ml = training_multipliers(cfg)
@@ -240,7 +240,7 @@ def step_time(
 
 def vision_cost_in_layers(cfg: LlavaConfig, w: Workload) -> float:
     """Training cost of the ViT + projector on the first stage, in LM layers."""
-    from mm_megatron.bench.flops import forward_flops, training_multipliers
+    from mm_megatron.model.flops import forward_flops, training_multipliers
 
     fwd = forward_flops(cfg, [w.seq] * w.mbs, w.mbs * w.images)
     mv, mp, ml = training_multipliers(cfg)

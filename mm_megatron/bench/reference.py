@@ -249,12 +249,12 @@ def run_reference(
 ) -> dict[str, Any]:  # fmt: skip
     """Run the rows; returns ``{"settings": ..., "rows": [...]}``."""
     from mm_megatron.bench.batches import synthetic_batch
-    from mm_megatron.bench.flops import train_step_flops
     from mm_megatron.bench.gpus import detect_peak_tflops
-    from mm_megatron.bench.throughput import StepTimes, mfu, throughput
     from mm_megatron.config import ParallelConfig
+    from mm_megatron.model.flops import train_step_flops
     from mm_megatron.model.image_tokens import image_token_count
     from mm_megatron.runtime import distributed
+    from mm_megatron.train.throughput import StepTimes, mfu, throughput
 
     cfg0 = reference_config(dry_run)
     seq = seq or (2 * image_token_count(cfg0) if dry_run else 1024)

@@ -51,8 +51,7 @@ def run(job_dict: dict, out: Path) -> dict:
     from megatron.core import parallel_state
 
     from mm_megatron.bench.batches import synthetic_batch
-    from mm_megatron.bench.flops import train_step_flops
-    from mm_megatron.bench.throughput import StepTimes, mfu, throughput
+    from mm_megatron.model.flops import train_step_flops
     from mm_megatron.parallel.layout import validate_layout
     from mm_megatron.parallel.schedule import forward_backward
     from mm_megatron.runtime import distributed
@@ -63,6 +62,7 @@ def run(job_dict: dict, out: Path) -> dict:
         resolve_dtype,
     )
     from mm_megatron.train.config import JobConfig
+    from mm_megatron.train.throughput import StepTimes, mfu, throughput
 
     bench = job_dict.pop("bench")
     job = JobConfig.from_dict(job_dict)

@@ -56,8 +56,8 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _flops(args: argparse.Namespace) -> int:
-    from mm_megatron.bench.flops import PARTS, format_sample_flops
     from mm_megatron.config import get_preset
+    from mm_megatron.model.flops import PARTS, format_sample_flops
 
     cfg = get_preset(args.preset)
     if args.images < 0 or args.text_tokens < 0:

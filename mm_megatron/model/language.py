@@ -2,7 +2,7 @@
 
 The LM itself is megatron-core's ``GPTModel`` (built in `llava.py`); this module is the LM-side
 counterpart of ``VisionEncoder.forward_flops`` and the projectors' ``forward_flops``, so that
-`mm_megatron.bench.flops` only sums the parts. Counted (architecture.md, "FLOPs for MFU"):
+`mm_megatron.model.flops` only sums the parts. Counted (architecture.md, "FLOPs for MFU"):
 
 - matmuls: ``2 * N_matmul`` per token, where ``N_matmul`` is QKV, attention output, the SwiGLU
   MLP (gate, up, down) of every layer, plus the output layer over the padded vocabulary megatron

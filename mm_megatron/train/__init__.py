@@ -1,6 +1,7 @@
 """Training on megatron-core: config, loop, optimizer/schedule, checkpoints, logging.
 
-Model FLOPs and the throughput arithmetic of the log line live in `mm_megatron.bench`.
+Model FLOPs live in `mm_megatron.model.flops`; the throughput arithmetic of the log line (shared
+with `mm_megatron.bench`) in `throughput.py`.
 
 Modules, by role:
 - `config.py`: `TrainConfig`, `JobConfig`, YAML + dotted overrides (`load_job_config`).
@@ -10,6 +11,7 @@ Modules, by role:
 - `trainer.py`: the loop (`train(job)`), signals, NaN guard, evaluation and save cadence.
 - `checkpointing.py`: atomic full-state checkpoints (model, optimizer, RNG, scheduler, data).
 - `metrics.py`: log line, memory line, TensorBoard, metrics.jsonl.
+- `throughput.py`: tokens/s, TFLOP/s and MFU from counted work and wall time.
 - `evaluate.py`: validation loss, caption attribute accuracy on the synthetic data.
 
 Heavy imports (torch, megatron) happen in the sub-modules; importing this package is cheap.

@@ -15,8 +15,8 @@ spirit of Megatron-LM's ``training_log``::
 (`torch.utils.tensorboard.SummaryWriter`) and, one JSON object per logged step, to
 ``<run_dir>/metrics.jsonl`` (floats at full precision, so runs can be compared exactly).
 
-What it does not do: compute the numbers (the trainer, `mm_megatron.bench.flops` and
-`mm_megatron.bench.throughput` do) or reduce across ranks.
+What it does not do: compute the numbers (the trainer, `mm_megatron.model.flops` and
+`mm_megatron.train.throughput` do) or reduce across ranks.
 """
 
 from __future__ import annotations

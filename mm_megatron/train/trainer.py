@@ -40,9 +40,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from mm_megatron.bench.flops import train_step_flops
-from mm_megatron.bench.throughput import throughput
 from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
+from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.layout import validate_layout
 from mm_megatron.parallel.schedule import forward_backward
@@ -71,6 +70,7 @@ from mm_megatron.train.metrics import (
     memory_line,
     memory_stats,
 )
+from mm_megatron.train.throughput import throughput
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Signals that trigger a checkpoint and a clean exit."""

@@ -48,8 +48,8 @@ def test_outputs_and_numbers(sweep):
     assert list(rows) == LAYOUTS
     data = json.loads((out / "bench.json").read_text())
     assert data["settings"]["preset"] == "debug-tiny"
-    from mm_megatron.bench.flops import train_step_flops
     from mm_megatron.config import get_preset
+    from mm_megatron.model.flops import train_step_flops
 
     flops = train_step_flops(get_preset("debug-tiny"), [48] * 2, 2).total
     for row in data["rows"]:

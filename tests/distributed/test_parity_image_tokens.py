@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
-from mm_megatron.bench.flops import train_step_flops
 from mm_megatron.data import DataConfig, build_dataloader, validate_batch
 from mm_megatron.data.synthetic import write_synthetic_dataset
+from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.merge import plan_merge
 from mm_megatron.model.projector import projector_class

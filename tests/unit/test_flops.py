@@ -1,4 +1,4 @@
-"""Model FLOPs per step (`mm_megatron.bench.flops`) against hand computations.
+"""Model FLOPs per step (`mm_megatron.model.flops`) against hand computations.
 
 debug-tiny, ref-1.4b and llava-1.5-7b are worked out below from the rules in
 architecture.md ("FLOPs for MFU"); every constant is the arithmetic in its comment.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from mm_megatron.bench.flops import (
+from mm_megatron.config import get_preset
+from mm_megatron.model.flops import (
     format_sample_flops,
     lm_forward_flops,
     projector_forward_flops,
@@ -16,7 +17,6 @@ from mm_megatron.bench.flops import (
     training_multipliers,
     vision_forward_flops,
 )
-from mm_megatron.config import get_preset
 from mm_megatron.model.image_tokens import image_token_count
 
 # --- debug-tiny --------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from mm_megatron.bench.flops import train_step_flops
 from mm_megatron.bench.reference import ROWS, format_reference, run_reference
 from mm_megatron.config import get_preset
+from mm_megatron.model.flops import train_step_flops
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """Throughput arithmetic shared by the trainer's log line and the benchmarks.
 
 What this file does: turns counted work (real tokens, samples, model FLOPs from
-`mm_megatron.bench.flops`) and a measured wall time into tokens/s/GPU, samples/s, model
+`mm_megatron.model.flops`) and a measured wall time into tokens/s/GPU, samples/s, model
 TFLOP/s/GPU and MFU, and summarises per-step times (median, spread). Every number a benchmark
 reports is computed here from counters, never parsed back from a log line.
 
-MFU = model TFLOP/s per GPU / the GPU's dense bf16 peak (`gpus.py` or ``--peak-tflops``). Model
-FLOPs count what the model needs (3x/2x/1x forward by freeze state), not recomputation, so
-activation recompute lowers MFU: that is intended.
+MFU = model TFLOP/s per GPU / the GPU's dense bf16 peak (`mm_megatron/bench/gpus.py` or
+``--peak-tflops``). Model FLOPs count what the model needs (3x/2x/1x forward by freeze state),
+not recomputation, so activation recompute lowers MFU: that is intended.
 
 What it does not do: measure time or memory, or reduce across ranks.
 """
