@@ -67,10 +67,10 @@ def synthesize(out: Path, scale: float, shard_bytes: int = 5 * 10**9) -> int:
     """Write a random bf16 HF checkpoint; returns its tensor bytes."""
     import torch
 
+    from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter
     from mm_megatron.convert.hf_config import llava_config_from_hf
     from mm_megatron.convert.keys import KeySpelling
     from mm_megatron.convert.mapping import build_rules
-    from mm_megatron.convert.safetensors_io import SafetensorsWriter
 
     hf_cfg = llava_7b_hf_config(scale)
     cfg, _ = llava_config_from_hf(hf_cfg)
@@ -173,7 +173,7 @@ def _run_step(kind: str, src: Path, dst: Path) -> dict:
 
 
 def _check(a: Path, b: Path) -> int:
-    from mm_megatron.convert.safetensors_io import index_files, read_tensor
+    from mm_megatron.checkpoint.safetensors_io import index_files, read_tensor
 
     x = index_files(sorted(a.glob("*.safetensors")))
     y = index_files(sorted(b.glob("*.safetensors")))

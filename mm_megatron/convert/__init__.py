@@ -1,6 +1,6 @@
 """HF <-> megatron-core checkpoint conversion for LLaVA models.
 
-Public API (imports are lazy so ``mm_megatron.convert.errors`` stays light):
+Public API (imports are lazy so ``mm_megatron.checkpoint.errors`` stays light):
 
 * :func:`mm_megatron.convert.hf_to_mcore.hf_to_mcore` — HF dir -> mm_megatron checkpoint dir.
 * :func:`mm_megatron.convert.mcore_to_hf.mcore_to_hf` — mm_megatron checkpoint dir -> HF dir.

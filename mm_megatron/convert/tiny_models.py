@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from mm_megatron.convert.keys import KeySpelling
-from mm_megatron.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
 
 VARIANTS = ("llama", "qwen2", "mistral", "siglip", "llama3rope")
 
