@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -81,9 +81,9 @@ class HFCheckpoint:
 
     Args:
         hf_dir: the directory (``model.safetensors`` or an index plus shards).
-        naming: how stored keys map to canonical ones; default: detect the LLaVA key spelling
-            (see :mod:`mm_megatron.convert.keys`). Stored keys it maps to None are listed in
-            ``dropped`` and never read.
+        naming: ``naming(stored keys)`` gives how stored keys map to canonical ones; default:
+            detect the LLaVA key spelling (see :mod:`mm_megatron.convert.keys`). Stored keys it
+            maps to None are listed in ``dropped`` and never read.
 
     Attributes:
         files: ``{file name: [keys in file order]}``.
@@ -94,7 +94,7 @@ class HFCheckpoint:
         dropped: stored keys with no canonical key (e.g. the text half of a ``CLIPModel``).
     """
 
-    def __init__(self, hf_dir: Path, naming: Naming | None = None):
+    def __init__(self, hf_dir: Path, naming: Callable[[list[str]], Naming] | None = None):
         self.dir = Path(hf_dir)
         self.files: dict[str, list[str]] = {}
         raw: dict[str, TensorInfo] = {}
@@ -108,7 +108,7 @@ class HFCheckpoint:
                     raise CorruptFileError(f"tensor {k!r} stored twice ({fname})")
                 raw[k] = info
             self.files[fname] = list(infos)
-        self.spelling = naming or detect_spelling(raw, where=str(self.dir))
+        self.spelling = naming(list(raw)) if naming else detect_spelling(raw, where=str(self.dir))
         canonical = {k: self.spelling.to_canonical(k) for k in raw}
         self.dropped = [k for k, c in canonical.items() if c is None]
         self.infos = {c: raw[k] for k, c in canonical.items() if c is not None}

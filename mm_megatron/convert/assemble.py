@@ -1,0 +1,558 @@
+"""``convert assemble``: an mm_megatron LLaVA checkpoint from an HF vision tower, an HF LM and a
+freshly initialised projector (the starting point of stage-1 pretraining).
+
+Inputs:
+
+* ``--vision``: a ``CLIPVisionModel``, ``CLIPModel`` (its vision half), ``SiglipVisionModel`` or
+  ``SiglipModel`` checkpoint.
+* ``--lm``: a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` checkpoint
+  with its tokenizer, single-file or sharded.
+
+It is the ``hf-to-mcore`` mapping fed from two sources: each part's keys are renamed onto the
+canonical LLaVA keys (:mod:`mm_megatron.convert.keys`), the same rules (:mod:`.mapping`) build the
+megatron parameters, and the same streaming writer, atomic output and ``--force`` apply. What is
+new here:
+
+* **Tokenizer.** The LM's tokenizer gets the image placeholder (``--image-token``) and, where it
+  has none, a ``<pad>`` token, both as special tokens. The vocabulary becomes
+  ``max(config vocab_size, len(tokenizer))``; embedding (and untied output) rows past the LM's
+  own are initialised to the mean of its existing rows. An added token whose id falls inside the
+  LM's table (Qwen2 keeps spare rows) keeps that row. Megatron's vocab padding follows as usual.
+* **Projector.** Built by our own projector code (any registered type) and initialised with
+  ``seed`` as a training run would; checked to map the vision width to the LM width.
+* **Output.** The dist checkpoint (loadable at any TP/PP/CP), the run config (stage 1 freezing:
+  vision and LM frozen, projector trained), and ``hf_files/``: the tokenizer with the added
+  tokens, the image processor (the vision checkpoint's, else one made for its resolution), a
+  ``LlavaProcessor`` config and, for ``mlp2x_gelu``, a LLaVA ``config.json``, so ``mcore-to-hf``
+  exports it as ``LlavaForConditionalGeneration`` or (``--parts``) as the two parts again.
+
+Bad input gets one line naming the file and field: a part of the wrong kind, a model the parts'
+config describes that we cannot build, a width the projector cannot bridge, a vision/LM dtype
+clash without ``--dtype``, widths that differ from ``--preset``.
+
+Not here: the verification against transformers (:mod:`.verify_parts`), the export (:mod:`.
+mcore_to_hf`, :mod:`.export_parts`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mm_megatron.checkpoint import model_io
+from mm_megatron.checkpoint.errors import ConversionError, MissingFileError, UnsupportedModelError
+from mm_megatron.config.model_config import LlavaConfig, ProjectorConfig
+from mm_megatron.convert.common import (
+    HFCheckpoint,
+    atomic_output,
+    check_output,
+    dtype_name,
+    parse_dtype,
+    single_rank,
+)
+from mm_megatron.convert.hf_config import text_config_to_ours, vision_config_to_ours
+from mm_megatron.convert.hf_to_mcore import (
+    choose_dtype,
+    dtype_record,
+    plan_import,
+    write_passthrough,
+    write_weights,
+)
+from mm_megatron.convert.keys import KeySpelling, LMPartNaming, VisionPartNaming
+
+SOURCE_KIND = "hf-parts"
+VISION_KINDS = {  # config.json model_type -> (class, composite model with a text half)
+    "clip_vision_model": ("CLIPVisionModel", False),
+    "clip": ("CLIPModel", True),
+    "siglip_vision_model": ("SiglipVisionModel", False),
+    "siglip": ("SiglipModel", True),
+}
+LM_KINDS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+DEFAULT_FEATURE_LAYER = {"clip": -2, "siglip": -1}
+"""LLaVA-1.5 reads CLIP's second-to-last layer; SigLIP towers are usually read at the last."""
+EMBED = "model.language_model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
+@dataclasses.dataclass
+class Part:
+    """One input checkpoint: its directory, config and what kind of model it is."""
+
+    dir: Path
+    """The HF directory."""
+    raw: dict[str, Any]
+    """``config.json`` as stored."""
+    config: Any
+    """The transformers config of the part (a composite model's vision sub-config)."""
+    cls: str
+    """The HF class the part is (``CLIPModel``, ``Qwen2ForCausalLM``, ...)."""
+    composite: bool = False
+    """A CLIP/SigLIP model with a text half (dropped)."""
+
+    @property
+    def where(self) -> str:
+        """How messages name the part's config."""
+        sub = " vision_config" if self.composite else ""
+        return f"{self.dir}/config.json{sub}"
+
+    @property
+    def dtype_field(self) -> str:
+        """``dtype='bfloat16'`` as config.json spells it (or a note that it has none)."""
+        for key in ("dtype", "torch_dtype"):
+            if self.raw.get(key):
+                return f"{key}={self.raw[key]!r}"
+        return "(no dtype field)"
+
+
+def _read_json(hf_dir: Path, flag: str) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise MissingFileError(f"{flag} {hf_dir}: {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
+
+
+def _hf_config(hf_dir: Path):
+    from transformers import AutoConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UnsupportedModelError(f"{hf_dir}/config.json: {msg}") from None
+
+
+def _kind(raw: dict) -> str:
+    archs = raw.get("architectures") or []
+    return f"model_type {raw.get('model_type')!r}" + (f" ({archs[0]})" if archs else "")
+
+
+def read_vision_part(hf_dir: Path) -> Part:
+    """The ``--vision`` checkpoint's config; UnsupportedModelError for a part of another kind."""
+    hf_dir = Path(hf_dir)
+    raw = _read_json(hf_dir, "--vision")
+    mtype = raw.get("model_type")
+    if mtype not in VISION_KINDS:
+        hint = " (a whole LLaVA: use `convert hf-to-mcore`)" if mtype == "llava" else ""
+        raise UnsupportedModelError(
+            f"{hf_dir}/config.json: {_kind(raw)} is not a vision tower{hint}; --vision takes "
+            f"{', '.join(c for c, _ in VISION_KINDS.values())} checkpoints"
+        )
+    cls, composite = VISION_KINDS[mtype]
+    config = _hf_config(hf_dir)
+    return Part(hf_dir, raw, config.vision_config if composite else config, cls, composite)
+
+
+def read_lm_part(hf_dir: Path) -> Part:
+    """The ``--lm`` checkpoint's config; UnsupportedModelError for a part of another kind."""
+    hf_dir = Path(hf_dir)
+    raw = _read_json(hf_dir, "--lm")
+    mtype, archs = raw.get("model_type"), raw.get("architectures") or []
+    if mtype not in LM_KINDS or (archs and LM_KINDS[mtype] not in archs):
+        hint = " (a whole LLaVA: use `convert hf-to-mcore`)" if mtype == "llava" else ""
+        raise UnsupportedModelError(
+            f"{hf_dir}/config.json: {_kind(raw)} is not a supported causal LM{hint}; --lm "
+            f"takes {', '.join(LM_KINDS.values())} checkpoints"
+        )
+    return Part(hf_dir, raw, _hf_config(hf_dir), LM_KINDS[mtype])
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+
+def tokenizer_with_placeholders(lm: Part, image_token: str):
+    """(tokenizer, TokenizerInfo, {added token: id}): the LM's tokenizer plus image/pad tokens."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from mm_megatron.data.tokenizer import TokenizerSetupError, prepare_tokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(lm.dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MissingFileError(f"--lm {lm.dir}: no usable tokenizer ({msg})") from None
+    before = len(tok)
+    ids = tok(image_token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or tok.convert_ids_to_tokens(ids[0]) != image_token:
+        tok.add_tokens(
+            [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
+        )
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    try:
+        info = prepare_tokenizer(tok, image_token)
+    except TokenizerSetupError as e:
+        raise ConversionError(f"--lm {lm.dir} tokenizer: {e}") from None
+    added = {t: tok.convert_tokens_to_ids(t) for t in (image_token, tok.pad_token)}
+    added = {t: i for t, i in added.items() if i >= before}
+    return tok, info, added
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def parts_config(
+    vision: Part,
+    lm: Part,
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    projector: str | None = None,
+    feature_layer: int | None = None,
+    spec: str = "local",
+    preset: str | None = None,
+    make_vocab_size_divisible_by: int = 64,
+) -> tuple[LlavaConfig, list[str]]:
+    """Our model config for the two parts (+ notes); projector, freezing and feature layer from
+    ``preset`` when given (its widths must match the parts')."""
+    from mm_megatron.config import get_preset
+
+    base = get_preset(preset) if preset else None
+    mtype = vision.config.model_type
+    style = "siglip" if mtype.startswith("siglip") else "clip"
+    if feature_layer is None:
+        feature_layer = base.vision.feature_layer if base else DEFAULT_FEATURE_LAYER[style]
+    layers = vision.config.num_hidden_layers
+    if (
+        not isinstance(feature_layer, int)
+        or not -layers <= feature_layer <= layers
+        or not (feature_layer)
+    ):
+        raise UnsupportedModelError(
+            f"--vision-feature-layer {feature_layer}: {vision.where}.num_hidden_layers={layers} "
+            f"allows 1..{layers} or -{layers}..-1"
+        )
+    drop_cls = style == "clip" and (base.vision.drop_class_token if base else True)
+    v = vision_config_to_ours(
+        vision.config, feature_layer, "default" if drop_cls else "full", where=vision.where
+    )
+    text, notes = text_config_to_ours(lm.config, make_vocab_size_divisible_by, where=lm.where)
+    text.vocab_size = vocab_size
+    proj = copy.deepcopy(base.projector) if base else ProjectorConfig()
+    proj.type = projector or proj.type
+    cfg = LlavaConfig(vision=v, projector=proj, lm=text, image_token_id=image_token_id)
+    cfg.freeze_vision, cfg.freeze_projector, cfg.freeze_lm = True, False, True  # stage 1
+    if base:
+        _check_preset(cfg, base, preset, vision, lm)
+        cfg.init_method_std = base.init_method_std
+    cfg.set_spec(spec)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UnsupportedModelError(f"the parts make an invalid model config: {e}") from None
+    return cfg, notes
+
+
+_VISION_FIELDS = {  # ours -> HF config field
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+}
+_LM_FIELDS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "kv_groups": "num_key_value_heads",
+}
+
+
+def _check_preset(cfg: LlavaConfig, base: LlavaConfig, preset: str, vision: Part, lm: Part):
+    for ours, theirs, fields, part, name in (
+        (cfg.vision, base.vision, _VISION_FIELDS, vision, "vision"),
+        (cfg.lm, base.lm, _LM_FIELDS, lm, "lm"),
+    ):
+        for field, hf_field in fields.items():
+            got, want = getattr(ours, field), getattr(theirs, field)
+            if got != want:
+                raise ConversionError(
+                    f"{part.where}.{hf_field}={got}, but preset {preset!r} has "
+                    f"{name}.{field}={want}"
+                )
+
+
+def llava_config_json(cfg: LlavaConfig, vision: Part, lm: Part, dtype: str) -> dict | None:
+    """A transformers ``LlavaConfig`` dict of the assembled model; None unless ``mlp2x_gelu``
+    (the only projector HF LLaVA has)."""
+    from transformers import LlavaConfig as HFLlavaConfig
+
+    if cfg.projector.type != "mlp2x_gelu":
+        return None
+    text = copy.deepcopy(lm.config)
+    text.vocab_size = cfg.lm.vocab_size
+    v = cfg.vision
+    hf = HFLlavaConfig(
+        vision_config=copy.deepcopy(vision.config),
+        text_config=text,
+        image_token_index=cfg.image_token_id,
+        image_seq_length=cfg.tokens_per_image,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if v.drop_class_token else "full",
+        vision_feature_layer=v.feature_layer,
+        multimodal_projector_bias=cfg.projector.bias,
+        tie_word_embeddings=cfg.lm.tie_embeddings,
+    )
+    hf.architectures = ["LlavaForConditionalGeneration"]
+    d = hf.to_dict()
+    d["dtype"] = dtype
+    return d
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+
+class AssembledSource:
+    """The two parts' tensors under canonical LLaVA keys, vocab rows added (read on demand).
+
+    Offers what :func:`~mm_megatron.convert.hf_to_mcore.plan_import` and ``write_weights`` use:
+    ``infos`` (shapes after the resize), ``read``, ``describe`` and ``where``.
+    """
+
+    def __init__(self, vision: HFCheckpoint, lm: HFCheckpoint, old_vocab: int, new_vocab: int):
+        self.parts = {k: vision for k in vision.infos}
+        self.parts.update({k: lm for k in lm.infos})
+        self.infos = {k: p.infos[k] for k, p in self.parts.items()}
+        self.old_vocab, self.new_vocab = old_vocab, new_vocab
+        self.resized: set[str] = set()
+        for key in (EMBED, HEAD):
+            if key not in self.infos:
+                continue
+            info = self.infos[key]
+            if info.shape[0] != old_vocab:
+                raise ConversionError(
+                    f"tensor {lm.describe(key)} of {lm.dir} has {info.shape[0]} rows, but its "
+                    f"config.json vocab_size={old_vocab}"
+                )
+            if new_vocab > old_vocab:
+                self.infos[key] = dataclasses.replace(info, shape=(new_vocab, *info.shape[1:]))
+                self.resized.add(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor by canonical key; resized vocab tensors get mean-initialised new rows."""
+        t = self.parts[key].read(key)
+        if key in self.resized:
+            mean = t.float().mean(dim=0, keepdim=True).to(t.dtype)  # [1, h]
+            t = torch.cat([t, mean.expand(self.new_vocab - self.old_vocab, -1)], dim=0)
+        return t
+
+    def describe(self, key: str) -> str:
+        """``'stored key' in file.safetensors of DIR`` for messages."""
+        part = self.parts[key]
+        return f"{part.describe(key)} of {part.dir}"
+
+    def where(self, key: str) -> str:
+        """Where an absent canonical key would be, for messages."""
+        part = self._vision if key.startswith("model.vision_tower.") else self._lm
+        return part.where(key)
+
+    def bind(self, vision: HFCheckpoint, lm: HFCheckpoint) -> AssembledSource:
+        """Remember the parts for :meth:`where`."""
+        self._vision, self._lm = vision, lm
+        return self
+
+
+def fresh_projector(cfg: LlavaConfig, seed: int) -> dict[str, torch.Tensor]:
+    """``{parameter name: tensor}`` of a newly initialised projector (TP1, fp32).
+
+    Needs megatron's parallel state (:func:`~mm_megatron.convert.common.single_rank`).
+
+    Raises:
+        ConversionError: the projector does not map the vision width to the LM width.
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mm_megatron.config.parallel_config import ParallelConfig
+    from mm_megatron.model.projector import build_projector
+    from mm_megatron.model.transformer_configs import projector_transformer_config
+
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    config = projector_transformer_config(cfg, ParallelConfig(), torch.float32)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    hv, h = cfg.vision.hidden_size, cfg.lm.hidden_size
+    proj = build_projector(config, cfg.projector, hv, pgs)
+    with torch.no_grad():
+        width = proj(torch.zeros(1, 2, hv)).shape[-1]  # [N, T, h_v] -> [N, T', h_lm]
+    if width != h:
+        raise ConversionError(
+            f"projector {cfg.projector.type!r} maps the vision width {hv} to {width}, but the "
+            f"LM's hidden_size is {h}"
+        )
+    return {"vision_projection." + n: p.detach() for n, p in proj.named_parameters()}
+
+
+def _store_dtype(src, rules, vision_part: Part, lm_part: Part, requested):
+    if requested is not None:
+        return requested
+    vr = [r for r in rules if r.param.startswith("vision_model.")]
+    lr = [r for r in rules if not r.param.startswith("vision_model.")]
+    vd, ld = choose_dtype(src, vr, None), choose_dtype(src, lr, None)
+    if vd != ld:
+        raise ConversionError(
+            f"vision/LM dtype clash: {vision_part.dir}/config.json {vision_part.dtype_field} "
+            f"(tensors {dtype_name(vd)}) vs {lm_part.dir}/config.json {lm_part.dtype_field} "
+            f"(tensors {dtype_name(ld)}); pass --dtype bf16|fp32 to store both in one"
+        )
+    return vd
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def assemble(
+    vision_dir: Path,
+    lm_dir: Path,
+    out_dir: Path,
+    *,
+    projector: str | None = None,
+    feature_layer: int | None = None,
+    image_token: str = "<image>",
+    spec: str = "local",
+    dtype: str | torch.dtype | None = None,
+    preset: str | None = None,
+    seed: int = 1234,
+    force: bool = False,
+    make_vocab_size_divisible_by: int = 64,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Assemble a LLaVA checkpoint from a vision checkpoint and a causal-LM checkpoint.
+
+    Args:
+        vision_dir: CLIP/SigLIP vision (or CLIP/SigLIP) checkpoint directory.
+        lm_dir: Llama/Mistral/Qwen2 causal-LM checkpoint directory with its tokenizer.
+        out_dir: output checkpoint directory (must not exist unless ``force``).
+        projector: projector type (default ``mlp2x_gelu``, or the preset's).
+        feature_layer: HF ``vision_feature_layer`` (default -2 for CLIP, -1 for SigLIP, or the
+            preset's).
+        image_token: the image placeholder text.
+        spec: ``local`` or ``te``, recorded for training.
+        dtype: storage dtype; default the parts' own (they must agree).
+        preset: take projector, freezing and init from this preset (widths must match).
+        seed: projector init seed.
+        force: replace an existing ``out_dir``.
+        make_vocab_size_divisible_by: megatron vocab padding multiple (x TP).
+        progress: show a tqdm bar.
+        log: where to print one-line notes.
+
+    Returns:
+        ``out_dir``.
+    """
+    vision_dir, lm_dir, out_dir = Path(vision_dir), Path(lm_dir), Path(out_dir)
+    check_output(out_dir, force, (vision_dir, lm_dir))  # fail before any work
+    requested = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
+    vision, lm = read_vision_part(vision_dir), read_lm_part(lm_dir)
+    tokenizer, info, added = tokenizer_with_placeholders(lm, image_token)
+    old_vocab = int(lm.config.vocab_size)
+    cfg, notes = parts_config(
+        vision,
+        lm,
+        vocab_size=max(old_vocab, len(tokenizer)),
+        image_token_id=info.image_token_id,
+        projector=projector,
+        feature_layer=feature_layer,
+        spec=spec,
+        preset=preset,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
+    for note in notes:
+        log(f"note: {note}")
+    vision_ck = HFCheckpoint(vision_dir, lambda k: VisionPartNaming.detect(k, vision.composite))
+    lm_ck = HFCheckpoint(lm_dir, lambda k: LMPartNaming())
+    src = AssembledSource(vision_ck, lm_ck, old_vocab, cfg.lm.vocab_size).bind(vision_ck, lm_ck)
+    config_files = f"{vision_dir}/config.json and {lm_dir}/config.json"
+    rules, passthrough = plan_import(src, cfg, ("lm", "vision"), config=config_files)
+    if cfg.lm.tie_embeddings:  # an old save's copy of the tied head: it would miss the new rows
+        passthrough = [k for k in passthrough if k != HEAD]
+    store_dtype = _store_dtype(src, rules, vision, lm, requested)
+    spelling = KeySpelling()
+    source = {
+        "kind": SOURCE_KIND,
+        "vision_dir": str(vision_dir.absolute()),
+        "lm_dir": str(lm_dir.absolute()),
+        "vision_class": vision.cls,
+        "lm_class": lm.cls,
+        "vision_key_prefix": vision_ck.spelling.prefix,
+        "key_spelling": spelling.to_dict(),
+        "dtype": dtype_name(store_dtype),
+        **dtype_record(src, rules, spelling.to_file),
+        "passthrough": [spelling.to_file(k) for k in passthrough],
+        "dropped": len(vision_ck.dropped),
+        "original_vocab_size": old_vocab,
+        "added_tokens": added,
+        "projector_seed": seed,
+        "notes": notes,
+    }
+    if vision_ck.dropped:
+        log(f"note: {len(vision_ck.dropped)} tensors of {vision.cls}'s text half not used")
+    with atomic_output(out_dir, force, inputs=(vision_dir, lm_dir)) as tmp, single_rank():
+        fixed = fresh_projector(cfg, seed)
+        write_weights(tmp, src, cfg, rules, store_dtype, fixed=fixed, progress=progress)
+        write_passthrough(src, passthrough, tmp / model_io.PASSTHROUGH, spelling.to_file)
+        _write_hf_files(tmp / model_io.HF_FILES, cfg, vision, lm, tokenizer, source)
+        model_io.write_run_config(tmp, cfg, source)
+        model_io.write_tracker(tmp, model_io.RELEASE)
+    return out_dir
+
+
+def _write_hf_files(files: Path, cfg, vision: Part, lm: Part, tokenizer, source: dict) -> None:
+    """Tokenizer, image processor, LlavaProcessor and LLaVA config.json into ``hf_files/``."""
+    from transformers import LlavaProcessor
+
+    files.mkdir()
+    v = cfg.vision
+    image_processor = image_processor_for(vision, v.image_size)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=v.patch_size,
+        vision_feature_select_strategy="default" if v.drop_class_token else "full",
+        image_token=tokenizer.convert_ids_to_tokens(cfg.image_token_id),
+        num_additional_image_tokens=1 if v.has_class_token else 0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        processor.save_pretrained(str(files))
+        image_processor.save_pretrained(str(files))  # on its own too, for the vision export
+    if (lm.dir / "generation_config.json").is_file():
+        shutil.copy2(lm.dir / "generation_config.json", files / "generation_config.json")
+    doc = llava_config_json(cfg, vision, lm, source["hf_dtype"])
+    if doc is not None:
+        (files / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def image_processor_for(vision: Part, size: int):
+    """The vision checkpoint's image processor, else a CLIP/SigLIP one for ``size`` pixels."""
+    import transformers
+
+    if (vision.dir / "preprocessor_config.json").is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.AutoImageProcessor.from_pretrained(
+                str(vision.dir), local_files_only=True
+            )
+    name = "SiglipImageProcessor" if "Siglip" in vision.cls else "CLIPImageProcessor"
+    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+    if name.startswith("Siglip"):
+        return cls(size={"height": size, "width": size})
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
