@@ -246,6 +246,12 @@ def parts_config(
     text.vocab_size = vocab_size
     proj = copy.deepcopy(base.projector) if base else ProjectorConfig()
     proj.type = projector or proj.type
+    from mm_megatron.model.projector import PROJECTORS
+
+    if proj.type not in PROJECTORS:
+        raise UnsupportedModelError(
+            f"--projector {proj.type!r} is not registered; known: {', '.join(sorted(PROJECTORS))}"
+        )
     cfg = LlavaConfig(vision=v, projector=proj, lm=text, image_token_id=image_token_id)
     cfg.freeze_vision, cfg.freeze_projector, cfg.freeze_lm = True, False, True  # stage 1
     if base:
