@@ -102,9 +102,8 @@ class Part:
 
     @property
     def where(self) -> str:
-        """How messages name the part's config."""
-        sub = " vision_config" if self.composite else ""
-        return f"{self.dir}/config.json{sub}"
+        """How messages name the part's config: a prefix for a field name."""
+        return f"{self.dir}/config.json " + ("vision_config." if self.composite else "")
 
     @property
     def dtype_field(self) -> str:
@@ -235,7 +234,7 @@ def parts_config(
         or not (feature_layer)
     ):
         raise UnsupportedModelError(
-            f"--vision-feature-layer {feature_layer}: {vision.where}.num_hidden_layers={layers} "
+            f"--vision-feature-layer {feature_layer}: {vision.where}num_hidden_layers={layers} "
             f"allows 1..{layers} or -{layers}..-1"
         )
     drop_cls = style == "clip" and (base.vision.drop_class_token if base else True)
@@ -291,8 +290,7 @@ def _check_preset(cfg: LlavaConfig, base: LlavaConfig, preset: str, vision: Part
             got, want = getattr(ours, field), getattr(theirs, field)
             if got != want:
                 raise ConversionError(
-                    f"{part.where}.{hf_field}={got}, but preset {preset!r} has "
-                    f"{name}.{field}={want}"
+                    f"{part.where}{hf_field}={got}, but preset {preset!r} has {name}.{field}={want}"
                 )
 
 
@@ -507,6 +505,7 @@ def assemble(
         "original_vocab_size": old_vocab,
         "added_tokens": added,
         "projector_seed": seed,
+        "part_configs": {"vision": vision.config.to_dict(), "text": _text_dict(lm, cfg)},
         "notes": notes,
     }
     if vision_ck.dropped:
@@ -519,6 +518,12 @@ def assemble(
         model_io.write_run_config(tmp, cfg, source)
         model_io.write_tracker(tmp, model_io.RELEASE)
     return out_dir
+
+
+def _text_dict(lm: Part, cfg: LlavaConfig) -> dict:
+    d = lm.config.to_dict()
+    d["vocab_size"] = cfg.lm.vocab_size
+    return d
 
 
 def _write_hf_files(files: Path, cfg, vision: Part, lm: Part, tokenizer, source: dict) -> None:

@@ -10,9 +10,10 @@ Writes two HF directories under the output:
   ``Qwen2ForCausalLM`` with the tokenizer files (added tokens kept; the vocabulary, and the
   embedding and output rows, include them).
 
-The projector has no stand-alone HF class and is not written. Configs come from the LLaVA
-config.json the checkpoint carries (``convert assemble`` and ``hf-to-mcore`` store one), or are
-made from the model config for a checkpoint trained from scratch. Key spellings follow the parts'
+The projector has no stand-alone HF class and is not written. Configs are the parts' own (which
+``convert assemble`` records, whatever the projector), else those inside the LLaVA config.json
+the checkpoint carries (``hf-to-mcore`` stores one), else made from the model config for a
+checkpoint trained from scratch. Key spellings follow the parts'
 originals (recorded by ``convert assemble``); dtypes follow the originals unless ``--dtype``.
 
 Not here: reading the dist checkpoint and the shard layout (:mod:`.mcore_to_hf`).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mm_megatron.convert.common import dtype_name
 from mm_megatron.convert.keys import LMPartNaming, VisionPartNaming
 from mm_megatron.convert.mcore_to_hf import (
     ExportSource,
@@ -46,8 +48,17 @@ def export_parts(
     src: ExportSource, out_dir: Path, *, max_shard_size: int, progress: bool, log=print
 ) -> None:
     """Write ``out_dir/vision`` and ``out_dir/lm`` (see the module docstring); single rank."""
-    config_text, generated = src.config_json(log)
-    llava = json.loads(config_text)
+    recorded = src.source.get("part_configs")  # convert assemble keeps the parts' own configs
+    if recorded:
+        dtype = dtype_name(src.override) if src.override is not None else src.default_dtype
+        llava, generated = (
+            {"vision_config": recorded["vision"], "text_config": recorded["text"]},
+            False,
+        )
+        llava["dtype"] = dtype
+    else:
+        config_text, generated = src.config_json(log)
+        llava = json.loads(config_text)
     vision_cfg, lm_cfg = _part_configs(src, llava)
     vision_naming = VisionPartNaming(src.source.get("vision_key_prefix", ""))
     lm_naming = LMPartNaming()

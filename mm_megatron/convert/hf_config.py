@@ -101,50 +101,50 @@ def _rope(tc, where: str) -> tuple[float, dict[str, Any] | None]:
         try:
             rope_kwargs(LanguageConfig(rope_theta=theta, rope_scaling=scaling))
         except ValueError as e:
-            raise UnsupportedModelError(f"{where}.rope_parameters: {e}") from None
+            raise UnsupportedModelError(f"{where}rope_parameters: {e}") from None
         return theta, scaling
     raise UnsupportedModelError(
-        f"{where}.rope_parameters.rope_type={kind!r} is unsupported: "
+        f"{where}rope_parameters.rope_type={kind!r} is unsupported: "
         "megatron-core's GPTModel implements plain, 'linear' and 'llama3' RoPE only"
     )
 
 
 def text_config_to_ours(
-    tc, make_vocab_size_divisible_by: int = 64, where: str = "config.json text_config"
+    tc, make_vocab_size_divisible_by: int = 64, where: str = "config.json text_config."
 ) -> tuple[LanguageConfig, list[str]]:
     """A transformers Llama/Mistral/Qwen2 config -> our LanguageConfig (+ notes).
 
     Args:
         tc: the text config.
         make_vocab_size_divisible_by: megatron's vocab padding multiple.
-        where: how messages name the config (file and section).
+        where: how messages name the config: a prefix for a field name (file and section).
     """
     notes: list[str] = []
     mtype = getattr(tc, "model_type", None)
     if mtype not in TEXT_TYPES:
         raise UnsupportedModelError(
-            f"{where}.model_type={mtype!r} is unsupported (supported: {', '.join(TEXT_TYPES)})"
+            f"{where}model_type={mtype!r} is unsupported (supported: {', '.join(TEXT_TYPES)})"
         )
     if tc.hidden_act != "silu":
         raise UnsupportedModelError(
-            f"{where}.hidden_act={tc.hidden_act!r}: only SwiGLU ('silu') LMs"
+            f"{where}hidden_act={tc.hidden_act!r}: only SwiGLU ('silu') LMs"
         )
     if getattr(tc, "mlp_bias", False):
-        raise UnsupportedModelError(f"{where}.mlp_bias=true is unsupported")
+        raise UnsupportedModelError(f"{where}mlp_bias=true is unsupported")
     if getattr(tc, "attention_bias", False):
         raise UnsupportedModelError(
-            f"{where}.attention_bias=true (bias on q/k/v/o) is unsupported; "
+            f"{where}attention_bias=true (bias on q/k/v/o) is unsupported; "
             "only Qwen2-style q/k/v bias is"
         )
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None)
     if head_dim not in (None, tc.hidden_size // heads):
         raise UnsupportedModelError(
-            f"{where}.head_dim={head_dim} != hidden_size/num_attention_heads="
+            f"{where}head_dim={head_dim} != hidden_size/num_attention_heads="
             f"{tc.hidden_size // heads}: unsupported"
         )
     if float(getattr(tc, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise UnsupportedModelError(f"{where}.partial_rotary_factor != 1")
+        raise UnsupportedModelError(f"{where}partial_rotary_factor != 1")
     window = getattr(tc, "sliding_window", None)
     uses_window = getattr(tc, "use_sliding_window", mtype == "mistral")
     if uses_window and window is not None and window < tc.max_position_embeddings:
@@ -173,7 +173,7 @@ def text_config_to_ours(
 
 
 def vision_config_to_ours(
-    vc, feature_layer, strategy: str, where: str = "config.json vision_config"
+    vc, feature_layer, strategy: str, where: str = "config.json vision_config."
 ) -> VisionConfig:
     """A transformers CLIP/SigLIP vision config + LLaVA's feature choice -> our VisionConfig.
 
@@ -181,17 +181,17 @@ def vision_config_to_ours(
         vc: the vision config.
         feature_layer: HF ``vision_feature_layer``.
         strategy: HF ``vision_feature_select_strategy`` (``default`` drops the class token).
-        where: how messages name the config (file and section).
+        where: how messages name the config: a prefix for a field name (file and section).
     """
     mtype = getattr(vc, "model_type", None)
     if mtype not in VISION_TYPES:
         raise UnsupportedModelError(
-            f"{where}.model_type={mtype!r} is unsupported (supported: {', '.join(VISION_TYPES)})"
+            f"{where}model_type={mtype!r} is unsupported (supported: {', '.join(VISION_TYPES)})"
         )
     style = VISION_TYPES[mtype]
     if vc.hidden_act not in _VISION_ACT[style]:
         raise UnsupportedModelError(
-            f"{where}.hidden_act={vc.hidden_act!r} unsupported for {mtype} "
+            f"{where}hidden_act={vc.hidden_act!r} unsupported for {mtype} "
             f"(expected {_VISION_ACT[style][0]!r})"
         )
     if not isinstance(feature_layer, int):

@@ -6,7 +6,8 @@ checkpoint at TP x PP (fp32, local spec; more than one rank runs as local gloo p
 1. **vision features**: our vision encoder's output on random images equals transformers' vision
    model's ``hidden_states[vision_feature_layer]`` (class token dropped where the checkpoint drops
    it), fp32 eager attention: max |difference| <= ``atol``.
-2. **LM logits**: our model's logits on text-only input (random ids of the LM's own vocabulary)
+2. **LM logits**: our model's logits on text-only input (random ids of the LM's own vocabulary,
+   never the image placeholder)
    equal the HF causal LM's on the LM's original vocabulary (the columns past it belong to the
    added tokens): max |difference| <= ``atol`` and identical argmax.
 
@@ -61,6 +62,7 @@ def hf_references(vision_dir: Path, lm_dir: Path, cfg, seed: int = 0, text_len: 
         del vision, out
         lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), **kw).eval()
         ids = torch.randint(0, lm.config.vocab_size, (2, text_len), generator=gen)
+        ids[ids == cfg.image_token_id] = 0  # an added token inside the LM's table (Qwen2)
         logits = lm(input_ids=ids, use_cache=False).logits.float()  # [b, s, V]
     return {"images": images, "input_ids": ids}, {"features": feats, "logits": logits}
 

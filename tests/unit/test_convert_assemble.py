@@ -151,8 +151,19 @@ def test_verify_parts_tp1(pairs, pair, capsys):
     vision, lm, ckpt, _, _ = pairs[pair]
     args = ["convert", "verify-parts", "--vision", str(vision), "--lm", str(lm)]
     assert main([*args, "--ckpt", str(ckpt)]) == 0
-    out = capsys.readouterr().out
-    assert "vision features TP1xPP1  PASS" in out and "overall: PASS" in out, out
+    rows = _rows(capsys.readouterr().out)
+    assert rows["vision features TP1xPP1"] == rows["LM logits TP1xPP1"] == "PASS", rows
+    assert rows["overall:"] == "PASS"
+
+
+def _rows(out: str) -> dict[str, str]:
+    """``{check name: PASS|FAIL}`` of a printed verify table."""
+    rows = {}
+    for line in out.splitlines():
+        for verdict in ("PASS", "FAIL"):
+            if f" {verdict}" in line:
+                rows[line.split(f" {verdict}")[0].strip()] = verdict
+    return rows
 
 
 def test_verify_parts_fails_on_other_weights(pairs, tmp_path, capsys):
@@ -163,8 +174,8 @@ def test_verify_parts_fails_on_other_weights(pairs, tmp_path, capsys):
     assert main([*other, "--out", str(tmp_path / "ckpt"), "--quiet"]) == 0
     args = ["convert", "verify-parts", "--vision", str(vision), "--lm", str(lm)]
     assert main([*args, "--ckpt", str(tmp_path / "ckpt")]) == 1
-    out = capsys.readouterr().out
-    assert "LM logits TP1xPP1  FAIL" in out and "vision features TP1xPP1  PASS" in out, out
+    rows = _rows(capsys.readouterr().out)
+    assert rows["LM logits TP1xPP1"] == "FAIL" and rows["vision features TP1xPP1"] == "PASS"
 
 
 def _fails(args, capsys, *needles) -> str:
@@ -193,8 +204,8 @@ def test_bad_parts_give_one_line(pairs, tmp_path, capsys):
     _fails(
         _asm(vision, lm, out, "--preset", "minimind-v"),
         capsys,
-        f"{vision}/config.json.hidden_size=32",
-        "vision.hidden_size=768",
+        f"{vision}/config.json image_size=32",
+        "preset 'minimind-v' has vision.image_size=224",
     )
     _fails(_asm(vision, lm, out, "--vision-feature-layer", "7"), capsys, "num_hidden_layers=3")
     bf16_lm = pairs["clip+mistral"][1]
