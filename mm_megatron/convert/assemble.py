@@ -66,6 +66,7 @@ from mm_megatron.convert.hf_to_mcore import (
     write_weights,
 )
 from mm_megatron.convert.keys import KeySpelling, LMPartNaming, VisionPartNaming
+from mm_megatron.model.image_tokens import image_token_count
 
 SOURCE_KIND = "hf-parts"
 VISION_KINDS = {  # config.json model_type -> (class, composite model with a text half)
@@ -308,7 +309,7 @@ def llava_config_json(cfg: LlavaConfig, vision: Part, lm: Part, dtype: str) -> d
         vision_config=copy.deepcopy(vision.config),
         text_config=text,
         image_token_index=cfg.image_token_id,
-        image_seq_length=cfg.tokens_per_image,
+        image_seq_length=image_token_count(cfg),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default" if v.drop_class_token else "full",
         vision_feature_layer=v.feature_layer,
@@ -395,8 +396,9 @@ def fresh_projector(cfg: LlavaConfig, seed: int) -> dict[str, torch.Tensor]:
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     hv, h = cfg.vision.hidden_size, cfg.lm.hidden_size
     proj = build_projector(config, cfg.projector, hv, pgs)
+    tokens = cfg.vision.num_output_tokens
     with torch.no_grad():
-        width = proj(torch.zeros(1, 2, hv)).shape[-1]  # [N, T, h_v] -> [N, T', h_lm]
+        width = proj(torch.zeros(1, tokens, hv)).shape[-1]  # [N, T, h_v] -> [N, T', h_lm]
     if width != h:
         raise ConversionError(
             f"projector {cfg.projector.type!r} maps the vision width {hv} to {width}, but the "

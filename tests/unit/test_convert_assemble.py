@@ -20,6 +20,7 @@ from mm_megatron.checkpoint import model_io
 from mm_megatron.checkpoint.safetensors_io import index_files, read_tensor
 from mm_megatron.cli import main
 from mm_megatron.convert.tiny_models import hf_logits, make_inputs, save_tiny_lm, save_tiny_vision
+from mm_megatron.model.image_tokens import image_token_count
 
 PAIRS = {
     "clip+llama": ("clip", "llama", dict(max_shard_size="60KB")),
@@ -74,7 +75,7 @@ def test_llama_checkpoint_vocab_and_files(pairs):
     assert tok("w7 <image> w9", add_special_tokens=False)["input_ids"].count(100) == 1
     proc = AutoProcessor.from_pretrained(ckpt / "hf_files")
     ids = proc(text=["w7 <image>"], images=[torch.zeros(3, 40, 40)], return_tensors="pt")
-    assert (ids["input_ids"] == 100).sum() == cfg.tokens_per_image == 16
+    assert (ids["input_ids"] == 100).sum() == image_token_count(cfg) == 16
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
