@@ -219,8 +219,12 @@ def parts_config(
     preset: str | None = None,
     make_vocab_size_divisible_by: int = 64,
 ) -> tuple[LlavaConfig, list[str]]:
-    """Our model config for the two parts (+ notes); projector, freezing and feature layer from
-    ``preset`` when given (its widths must match the parts')."""
+    """Our model config for the two parts (+ notes).
+
+    With ``preset``: projector, feature layer and init come from it, its widths must match the
+    parts', and the vocabulary is at least the preset's (llava-1.5's 32064 rows), so a training
+    job naming the preset builds exactly this model.
+    """
     from mm_megatron.config import get_preset
 
     base = get_preset(preset) if preset else None
@@ -243,7 +247,13 @@ def parts_config(
         vision.config, feature_layer, "default" if drop_cls else "full", where=vision.where
     )
     text, notes = text_config_to_ours(lm.config, make_vocab_size_divisible_by, where=lm.where)
-    text.vocab_size = vocab_size
+    text.vocab_size = max(vocab_size, base.lm.vocab_size if base else 0)  # keep a preset's rows
+    if base and image_token_id != base.image_token_id:
+        notes.append(
+            f"the tokenizer's image token id is {image_token_id}, preset {preset!r} says "
+            f"{base.image_token_id}: a job naming the preset needs --model.image_token_id="
+            f"{image_token_id} --model.lm.vocab_size={text.vocab_size}"
+        )
     proj = copy.deepcopy(base.projector) if base else ProjectorConfig()
     proj.type = projector or proj.type
     from mm_megatron.model.projector import PROJECTORS
