@@ -275,34 +275,42 @@ def parts_config(
     return cfg, notes
 
 
-_VISION_FIELDS = {  # ours -> HF config field
+_HF_FIELDS = {  # our field -> the HF config field it comes from (for messages)
     "image_size": "image_size",
     "patch_size": "patch_size",
+    "num_channels": "num_channels",
     "num_layers": "num_hidden_layers",
     "hidden_size": "hidden_size",
     "ffn_hidden_size": "intermediate_size",
     "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads",
+    "layernorm_eps": "layer_norm_eps",
+    "norm_eps": "rms_norm_eps",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rope_theta",
+    "rope_scaling": "rope_parameters",
+    "tie_embeddings": "tie_word_embeddings",
 }
-_LM_FIELDS = {
-    "num_layers": "num_hidden_layers",
-    "hidden_size": "hidden_size",
-    "ffn_hidden_size": "intermediate_size",
-    "num_attention_heads": "num_attention_heads",
-    "kv_groups": "num_key_value_heads",
-}
+_NOT_COMPARED = {"spec", "flavor", "make_vocab_size_divisible_by", "vocab_size"}
 
 
 def _check_preset(cfg: LlavaConfig, base: LlavaConfig, preset: str, vision: Part, lm: Part):
-    for ours, theirs, fields, part, name in (
-        (cfg.vision, base.vision, _VISION_FIELDS, vision, "vision"),
-        (cfg.lm, base.lm, _LM_FIELDS, lm, "lm"),
+    """Every architecture field of the parts must equal the preset's (vocab aside)."""
+    for ours, theirs, part, name in (
+        (cfg.vision, base.vision, vision, "vision"),
+        (cfg.lm, base.lm, lm, "lm"),
     ):
-        for field, hf_field in fields.items():
-            got, want = getattr(ours, field), getattr(theirs, field)
+        for f in dataclasses.fields(ours):
+            if f.name in _NOT_COMPARED:
+                continue
+            got, want = getattr(ours, f.name), getattr(theirs, f.name)
+            if f.name in ("num_query_groups", "post_layernorm"):  # None means a default
+                prop = "kv_groups" if name == "lm" else "apply_post_layernorm"
+                got, want = getattr(ours, prop), getattr(theirs, prop)
             if got != want:
-                raise ConversionError(
-                    f"{part.where}{hf_field}={got}, but preset {preset!r} has {name}.{field}={want}"
-                )
+                field = _HF_FIELDS.get(f.name)
+                src = f"{part.where}{field}={got}" if field else f"{name}.{f.name}={got} (parts)"
+                raise ConversionError(f"{src}, but preset {preset!r} has {name}.{f.name}={want}")
 
 
 def llava_config_json(cfg: LlavaConfig, vision: Part, lm: Part, dtype: str) -> dict | None:
