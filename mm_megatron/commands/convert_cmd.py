@@ -143,7 +143,11 @@ def _register_assemble(csub) -> None:
     )
     a.add_argument("--seed", type=int, default=1234, help="projector init seed (default 1234)")
     a.add_argument(
-        "--make-vocab-size-divisible-by", type=int, default=64, metavar="N", help="as hf-to-mcore"
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=None,
+        metavar="N",
+        help="megatron pads the vocab to a multiple of this x TP (default: the preset's, else 64)",
     )
     a.add_argument("--force", action="store_true", help="replace an existing --out")
     a.add_argument("--quiet", action="store_true", help="no progress bar")

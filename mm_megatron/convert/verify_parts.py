@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from mm_megatron.checkpoint import model_io
-from mm_megatron.convert.assemble import read_vision_part
 from mm_megatron.convert.common import single_rank
+from mm_megatron.convert.parts import read_vision_part
 from mm_megatron.convert.verify import Check, forward_logits
 
 

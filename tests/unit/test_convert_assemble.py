@@ -232,3 +232,68 @@ def test_linear_projector(pairs, tmp_path, capsys):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     cfg_json = json.loads((tmp_path / "parts" / "vision" / "config.json").read_text())
     assert cfg_json["num_hidden_layers"] == 3 and cfg_json["architectures"] == ["CLIPVisionModel"]
+
+
+def test_preset_fixes_the_model_a_job_builds():
+    """With --preset the assembled config is the preset's (vocab padded up to its rows)."""
+    from pathlib import Path
+
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from mm_megatron.config import get_preset
+    from mm_megatron.convert.assemble import parts_config
+    from mm_megatron.convert.parts import Part
+
+    base = get_preset("debug-tiny")
+    v, lm = base.vision, base.lm
+    vision = CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.ffn_hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=500,
+        hidden_size=lm.hidden_size,
+        intermediate_size=lm.ffn_hidden_size,
+        num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_attention_heads,
+        num_key_value_heads=lm.num_query_groups,
+        max_position_embeddings=lm.max_position_embeddings,
+        rms_norm_eps=lm.norm_eps,
+    )
+    parts = Part(Path("v"), {}, vision, "CLIPVisionModel"), Part(Path("l"), {}, text, "x")
+    cfg, notes = parts_config(*parts, vocab_size=502, image_token_id=4, preset="debug-tiny")
+    assert notes == [] and cfg.lm.vocab_size == 512 and cfg.projector == base.projector
+    for part in ("vision", "lm"):
+        for k, want in vars(getattr(base, part)).items():
+            if k not in ("spec", "post_layernorm", "num_query_groups", "flavor"):
+                assert getattr(getattr(cfg, part), k) == want, (part, k)
+    text.rms_norm_eps = 1e-6
+    with pytest.raises(ValueError, match=r"l/config.json rms_norm_eps=1e-06, but preset"):
+        parts_config(*parts, vocab_size=502, image_token_id=4, preset="debug-tiny")
+
+
+def test_converted_llava_exports_as_parts(tmp_path):
+    """``--parts`` also splits a checkpoint converted from a whole HF LLaVA."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from mm_megatron.convert.hf_to_mcore import hf_to_mcore
+    from mm_megatron.convert.mcore_to_hf import mcore_to_hf
+    from mm_megatron.convert.tiny_models import save_tiny_hf
+
+    llava = save_tiny_hf(tmp_path / "hf", "llama")
+    mc = hf_to_mcore(tmp_path / "hf", tmp_path / "mc", progress=False)
+    parts = mcore_to_hf(mc, tmp_path / "parts", parts=True, progress=False)
+    vision = CLIPVisionModel.from_pretrained(parts / "vision")
+    lm = LlamaForCausalLM.from_pretrained(parts / "lm")
+    ref = llava.model.vision_tower.state_dict()
+    assert vision.state_dict().keys() == ref.keys()
+    for name, t in vision.state_dict().items():
+        assert torch.equal(t, ref[name]), name
+    theirs = llava.model.language_model.state_dict()
+    for name, t in lm.model.state_dict().items():
+        assert torch.equal(t, theirs[name]), name
+    assert torch.equal(lm.lm_head.weight, llava.lm_head.weight)
