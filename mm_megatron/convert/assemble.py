@@ -230,6 +230,7 @@ class AssembledSource:
     """
 
     def __init__(self, vision: HFCheckpoint, lm: HFCheckpoint, old_vocab: int, new_vocab: int):
+        self._vision, self._lm = vision, lm
         self.parts = {k: vision for k in vision.infos}
         self.parts.update({k: lm for k in lm.infos})
         self.infos = {k: p.infos[k] for k, p in self.parts.items()}
@@ -265,11 +266,6 @@ class AssembledSource:
         """Where an absent canonical key would be, for messages."""
         part = self._vision if key.startswith("model.vision_tower.") else self._lm
         return part.where(key)
-
-    def bind(self, vision: HFCheckpoint, lm: HFCheckpoint) -> AssembledSource:
-        """Remember the parts for :meth:`where`."""
-        self._vision, self._lm = vision, lm
-        return self
 
 
 def fresh_projector(cfg: LlavaConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -383,7 +379,7 @@ def assemble(
         log(f"note: {note}")
     vision_ck = HFCheckpoint(vision_dir, lambda k: VisionPartNaming.detect(k, vision.composite))
     lm_ck = HFCheckpoint(lm_dir, lambda k: LMPartNaming())
-    src = AssembledSource(vision_ck, lm_ck, old_vocab, cfg.lm.vocab_size).bind(vision_ck, lm_ck)
+    src = AssembledSource(vision_ck, lm_ck, old_vocab, cfg.lm.vocab_size)
     config_files = f"{vision_dir}/config.json and {lm_dir}/config.json"
     rules, passthrough = plan_import(src, cfg, ("lm", "vision"), config=config_files)
     if cfg.lm.tie_embeddings:  # an old save's copy of the tied head: it would miss the new rows

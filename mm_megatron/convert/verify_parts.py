@@ -11,8 +11,8 @@ checkpoint at TP x PP (fp32, local spec; more than one rank runs as local gloo p
    equal the HF causal LM's on the LM's original vocabulary (the columns past it belong to the
    added tokens): max |difference| <= ``atol`` and identical argmax.
 
-The projector is new, so there is nothing to compare it with. Both HF models and ours are held in
-fp32 at once: for checkpoints too large for that, verify on a smaller machine's worth of layers.
+The projector is new, so there is nothing to compare it with. Memory: transformers' vision model,
+then its LM, and our model are each held in fp32 (the HF ones one at a time, before ours).
 """
 
 from __future__ import annotations
