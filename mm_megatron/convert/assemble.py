@@ -385,23 +385,19 @@ def assemble(
     if cfg.lm.tie_embeddings:  # an old save's copy of the tied head: it would miss the new rows
         passthrough = [k for k in passthrough if k != HEAD]
     store_dtype = _store_dtype(src, rules, vision, lm, requested)
-    spelling = KeySpelling()
+    spelling = KeySpelling()  # the LLaVA spelling passthrough keys and dtypes are recorded in
     source = {
         "kind": SOURCE_KIND,
         "vision_dir": str(vision_dir.absolute()),
         "lm_dir": str(lm_dir.absolute()),
-        "vision_class": vision.cls,
-        "lm_class": lm.cls,
-        "vision_key_prefix": vision_ck.spelling.prefix,
+        **_provenance(vision, lm, vision_ck, cfg),
         "key_spelling": spelling.to_dict(),
         "dtype": dtype_name(store_dtype),
         **dtype_record(src, rules, spelling.to_file),
         "passthrough": [spelling.to_file(k) for k in passthrough],
-        "dropped": len(vision_ck.dropped),
         "original_vocab_size": old_vocab,
         "added_tokens": added,
         "projector_seed": seed,
-        "part_configs": {"vision": vision.config.to_dict(), "text": _text_dict(lm, cfg)},
         "notes": notes,
     }
     if vision_ck.dropped:
@@ -416,10 +412,18 @@ def assemble(
     return out_dir
 
 
-def _text_dict(lm: Part, cfg: LlavaConfig) -> dict:
-    d = lm.config.to_dict()
-    d["vocab_size"] = cfg.lm.vocab_size
-    return d
+def _provenance(vision: Part, lm: Part, vision_ck: HFCheckpoint, cfg: LlavaConfig) -> dict:
+    """What the parts export needs to write the parts as they came: classes, key prefix,
+    configs (the LM's with the grown vocabulary)."""
+    text = lm.config.to_dict()
+    text["vocab_size"] = cfg.lm.vocab_size
+    return {
+        "vision_class": vision.cls,
+        "lm_class": lm.cls,
+        "vision_key_prefix": vision_ck.spelling.prefix,
+        "dropped": len(vision_ck.dropped),
+        "part_configs": {"vision": vision.config.to_dict(), "text": text},
+    }
 
 
 def _write_hf_files(files: Path, cfg, vision: Part, lm: Part, tokenizer, source: dict) -> None:
