@@ -5,10 +5,13 @@ mlp2x_gelu, Vicuna-7B, vocab 32064; ~14 GB in 3 shards, llava-hf's key spelling)
 ``hf-to-mcore`` and ``mcore-to-hf``, each in a fresh process, and reports GB/s and peak RSS
 (``getrusage`` of the step's process and of any children it started). ``--check`` then compares
 every exported tensor with the input (bit-exact). ``--scale`` shrinks the LM and ViT depth for a
-quick run (``--scale 0.25`` = 8 LM layers).
+quick run (``--scale 0.25`` = 8 LM layers). ``--assemble`` instead writes the two parts
+(CLIP-L/336 ``CLIPVisionModel``, 24 layers; Vicuna-7B-shaped ``LlamaForCausalLM``, vocab 32000,
+with a 32000-token tokenizer) and times ``convert assemble`` (adds ``<image>`` and ``<pad>``).
 
     .venv/bin/python tools/bench_convert.py --workdir /tmp/bench7b --check
     .venv/bin/python tools/bench_convert.py --workdir /tmp/bench7b --scale 0.25 --keep
+    .venv/bin/python tools/bench_convert.py --workdir /tmp/bench7b --assemble
 
 Needs ~3x the checkpoint size of free disk under ``--workdir``.
 """
@@ -65,12 +68,10 @@ def llava_7b_hf_config(scale: float = 1.0):
 
 def synthesize(out: Path, scale: float, shard_bytes: int = 5 * 10**9) -> int:
     """Write a random bf16 HF checkpoint; returns its tensor bytes."""
-    import torch
 
     from mm_megatron.convert.hf_config import llava_config_from_hf
     from mm_megatron.convert.keys import KeySpelling
     from mm_megatron.convert.mapping import build_rules
-    from mm_megatron.convert.safetensors_io import SafetensorsWriter
 
     hf_cfg = llava_7b_hf_config(scale)
     cfg, _ = llava_config_from_hf(hf_cfg)
@@ -90,6 +91,19 @@ def synthesize(out: Path, scale: float, shard_bytes: int = 5 * 10**9) -> int:
         for n in ("layer_norm1", "layer_norm2"):
             unused[p + n + ".weight"] = unused[p + n + ".bias"] = (hv,)
     shapes.update(unused)
+    nbytes = _write_random(out, {spelling.to_file(k): v for k, v in shapes.items()}, shard_bytes)
+    doc = hf_cfg.to_dict()
+    doc["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(doc, indent=2))
+    return nbytes
+
+
+def _write_random(out: Path, shapes: dict[str, tuple], shard_bytes: int) -> int:
+    """Random bf16 tensors ``{key: shape}`` as safetensors shards + index; returns bytes."""
+    import torch
+
+    from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter
+
     files: list[list[tuple[str, tuple]]] = [[]]
     size = 0
     for key, shape in shapes.items():
@@ -99,7 +113,7 @@ def synthesize(out: Path, scale: float, shard_bytes: int = 5 * 10**9) -> int:
         if files[-1] and size + n > shard_bytes:
             files.append([])
             size = 0
-        files[-1].append((spelling.to_file(key), shape))
+        files[-1].append((key, shape))
         size += n
     out.mkdir(parents=True)
     total = len(files)
@@ -123,9 +137,42 @@ def synthesize(out: Path, scale: float, shard_bytes: int = 5 * 10**9) -> int:
     weight_map = {k: f for f, keys in zip(names, files) for k, _ in keys}
     index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    doc = hf_cfg.to_dict()
-    doc["dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(doc, indent=2))
+    return nbytes
+
+
+def synthesize_parts(out: Path, scale: float, shard_bytes: int = 5 * 10**9) -> int:
+    """Write a CLIP-L/336 ``CLIPVisionModel`` (``out/vision``) and a Vicuna-7B-shaped
+    ``LlamaForCausalLM`` with a 32000-token tokenizer (``out/lm``), random bf16; returns bytes."""
+    from mm_megatron.convert.hf_config import llava_config_from_hf
+    from mm_megatron.convert.keys import LMPartNaming, VisionPartNaming
+    from mm_megatron.convert.mapping import build_rules
+    from mm_megatron.convert.tiny_models import tiny_tokenizer
+
+    hf_cfg = llava_7b_hf_config(scale)
+    cfg, _ = llava_config_from_hf(hf_cfg)
+    hf_cfg.text_config.vocab_size = cfg.lm.vocab_size = 32000  # Vicuna's own vocabulary
+    cfg.vision.feature_layer = -1  # every layer is a real tensor of the tower
+    shapes = {}
+    for rule in build_rules(cfg, ("lm", "vision")):
+        shapes.update(zip(rule.hf, rule.hf_shapes))
+    hv = cfg.vision.hidden_size
+    shapes["model.vision_tower.post_layernorm.weight"] = (hv,)
+    shapes["model.vision_tower.post_layernorm.bias"] = (hv,)
+    vision_naming, lm_naming = VisionPartNaming("vision_model."), LMPartNaming()
+    vision = {vision_naming.to_file(k): s for k, s in shapes.items() if "vision_tower" in k}
+    lm = {lm_naming.to_file(k): s for k, s in shapes.items() if "vision_tower" not in k}
+    nbytes = _write_random(out / "vision", vision, shard_bytes)
+    nbytes += _write_random(out / "lm", lm, shard_bytes)
+    for sub, conf, arch in (
+        ("vision", hf_cfg.vision_config, "CLIPVisionModel"),
+        ("lm", hf_cfg.text_config, "LlamaForCausalLM"),
+    ):
+        doc = conf.to_dict()
+        doc.update(architectures=[arch], dtype="bfloat16")
+        (out / sub / "config.json").write_text(json.dumps(doc, indent=2))
+    names = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok = tiny_tokenizer(32000, {0: "<unk>", 1: "<s>", 2: "</s>"}, **names)
+    tok.save_pretrained(out / "lm")
     return nbytes
 
 
@@ -135,10 +182,9 @@ def _step(argv: list[str]) -> None:
 
     warnings.filterwarnings("ignore")
     kind, src, dst = argv
-    if kind == "hf-to-mcore":  # imports outside the timed region
-        import mm_megatron.convert.hf_to_mcore  # noqa: F401
-    else:
-        import mm_megatron.convert.mcore_to_hf  # noqa: F401
+    import mm_megatron.convert.assemble  # noqa: F401 - imports outside the timed region
+    import mm_megatron.convert.mcore_to_hf  # noqa: F401
+
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = r0.ru_utime + r0.ru_stime
     t0 = time.perf_counter()
@@ -146,6 +192,10 @@ def _step(argv: list[str]) -> None:
         from mm_megatron.convert.hf_to_mcore import hf_to_mcore
 
         hf_to_mcore(src, dst, progress=False, log=lambda s: None)
+    elif kind == "assemble":
+        from mm_megatron.convert.assemble import assemble
+
+        assemble(Path(src) / "vision", Path(src) / "lm", dst, progress=False, log=lambda s: None)
     else:
         from mm_megatron.convert.mcore_to_hf import mcore_to_hf
 
@@ -173,7 +223,7 @@ def _run_step(kind: str, src: Path, dst: Path) -> dict:
 
 
 def _check(a: Path, b: Path) -> int:
-    from mm_megatron.convert.safetensors_io import index_files, read_tensor
+    from mm_megatron.checkpoint.safetensors_io import index_files, read_tensor
 
     x = index_files(sorted(a.glob("*.safetensors")))
     y = index_files(sorted(b.glob("*.safetensors")))
@@ -197,12 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the layers to keep")
     ap.add_argument("--check", action="store_true", help="compare every tensor after the trip")
     ap.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    ap.add_argument(
+        "--assemble",
+        action="store_true",
+        help="instead: time `convert assemble` of a CLIP-L/336 + Vicuna-7B-shaped pair",
+    )
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     hf, mc, back = work / "hf", work / "mcore", work / "hf_back"
+    if args.assemble:
+        return _bench_assemble(work, args)
     try:
         t0 = time.perf_counter()
         nbytes = synthesize(hf, args.scale)
@@ -221,6 +278,25 @@ def main(argv: list[str] | None = None) -> int:
             n = _check(hf, back)
             print(f"round trip bit-exact: {n} tensors ({time.perf_counter() - t0:.0f} s)")
         print(json.dumps({"bytes": nbytes, "scale": args.scale, "steps": dict(rows)}))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _bench_assemble(work: Path, args) -> int:
+    parts, out = work / "parts", work / "assembled"
+    try:
+        t0 = time.perf_counter()
+        nbytes = synthesize_parts(parts, args.scale)
+        print(f"synthesised {nbytes / 1e9:.2f} GB bf16 in {time.perf_counter() - t0:.0f} s")
+        r = _run_step("assemble", parts, out)
+        print(
+            f"assemble     {r['wall_s']:7.1f} s  {nbytes / 1e9 / r['wall_s']:5.2f} GB/s  "
+            f"(CPU {r['cpu_s']:.0f} s)  peak RSS {r['peak_rss'] / 2**30:5.2f} GiB (children "
+            f"{r['children_peak_rss'] / 2**30:.2f} GiB)  process {r['process_wall_s']:.1f} s"
+        )
+        print(json.dumps({"bytes": nbytes, "scale": args.scale, "assemble": r}))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

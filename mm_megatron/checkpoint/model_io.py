@@ -75,8 +75,8 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from mm_megatron.checkpoint.errors import ConversionError, MissingFileError
 from mm_megatron.config.model_config import LlavaConfig
-from mm_megatron.convert.errors import ConversionError, MissingFileError
 from mm_megatron.runtime.distributed import barrier, rank
 
 log = logging.getLogger(__name__)

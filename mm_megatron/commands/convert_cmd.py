@@ -1,10 +1,15 @@
-"""``mm-megatron convert hf-to-mcore|mcore-to-hf|verify`` (library: ``mm_megatron.convert``).
+"""``mm-megatron convert hf-to-mcore|mcore-to-hf|verify|assemble|verify-parts``.
 
-Examples::
+The library is ``mm_megatron.convert``; this file only parses arguments. Examples::
 
     mm-megatron convert hf-to-mcore --hf llava-1.5-7b-hf --out ckpt/llava7b --dtype bf16
     mm-megatron convert mcore-to-hf --ckpt ckpt/llava7b --out llava7b-hf
     mm-megatron convert verify --hf llava-1.5-7b-hf --ckpt ckpt/llava7b --tp 2 --pp 2
+    mm-megatron convert assemble --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
+        --out ckpt/llava7b-init --preset llava-1.5-7b --dtype bf16
+    mm-megatron convert verify-parts --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
+        --ckpt ckpt/llava7b-init --tp 2 --pp 2
+    mm-megatron convert mcore-to-hf --ckpt runs/stage2/checkpoints --out parts --parts
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="output dtype (default: each tensor's dtype in the HF original)",
     )
     b.add_argument("--iteration", default=None, help="'release' or a number (default: the latest)")
+    b.add_argument(
+        "--parts",
+        action="store_true",
+        help="write OUT/vision (HF vision model) and OUT/lm (HF causal LM + tokenizer) instead "
+        "of one LlavaForConditionalGeneration",
+    )
     b.add_argument("--force", action="store_true", help="replace an existing --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_mcore_to_hf)
@@ -90,6 +101,70 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip the logits check (it holds two fp32 copies of the model in memory)",
     )
     c.set_defaults(func=_verify)
+    _register_assemble(csub)
+
+
+def _register_assemble(csub) -> None:
+    a = csub.add_parser(
+        "assemble",
+        help="HF vision tower + HF causal LM + fresh projector -> mm_megatron LLaVA checkpoint",
+        description="Assemble a LLaVA checkpoint for stage-1 pretraining from an HF vision "
+        "tower (CLIPVisionModel, CLIPModel, SiglipVisionModel, SiglipModel) and an HF causal LM "
+        "(Llama, Mistral, Qwen2) with its tokenizer; the projector is freshly initialised.",
+        epilog=_EPILOG,
+    )
+    a.add_argument("--vision", required=True, help="HF vision checkpoint dir")
+    a.add_argument("--lm", required=True, help="HF causal-LM checkpoint dir (with tokenizer)")
+    a.add_argument("--out", required=True, help="output checkpoint dir")
+    a.add_argument(
+        "--projector",
+        default=None,
+        help="projector type: mlp2x_gelu (default, or the preset's), linear, or any registered",
+    )
+    a.add_argument(
+        "--vision-feature-layer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="HF vision_feature_layer (default -2 for CLIP, -1 for SigLIP, or the preset's)",
+    )
+    a.add_argument("--image-token", default="<image>", help="image placeholder (default <image>)")
+    a.add_argument("--spec", choices=["local", "te"], default="local", help="spec recorded")
+    a.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32", "fp16"],
+        default=None,
+        help="storage dtype (default: the parts' dtype; required when they differ)",
+    )
+    a.add_argument(
+        "--preset",
+        default=None,
+        help="take projector, freezing and init from this preset (its widths must match)",
+    )
+    a.add_argument("--seed", type=int, default=1234, help="projector init seed (default 1234)")
+    a.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=None,
+        metavar="N",
+        help="megatron pads the vocab to a multiple of this x TP (default: the preset's, else 64)",
+    )
+    a.add_argument("--force", action="store_true", help="replace an existing --out")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_assemble)
+
+    v = csub.add_parser(
+        "verify-parts",
+        help="check an assembled checkpoint against its HF parts: vision features, LM logits",
+        epilog="Exit status 0 when every check passes, 1 otherwise.",
+    )
+    v.add_argument("--vision", required=True, help="HF vision checkpoint dir")
+    v.add_argument("--lm", required=True, help="HF causal-LM checkpoint dir")
+    v.add_argument("--ckpt", required=True, help="mm_megatron checkpoint dir")
+    v.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    v.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    v.add_argument("--atol", type=float, default=1e-4, help="max |difference| (default 1e-4)")
+    v.set_defaults(func=_verify_parts)
 
 
 def _iteration(value: str | None):
@@ -144,6 +219,7 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         force=args.force,
         iteration=_iteration(args.iteration),
+        parts=args.parts,
         progress=not args.quiet,
     )
     print(f"wrote {out}")
@@ -160,5 +236,41 @@ def _verify(args: argparse.Namespace) -> int:
     checks = verify(
         args.hf, args.ckpt, tp=args.tp, pp=args.pp, atol=args.atol, logits=not args.no_logits
     )
+    print(format_table(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from mm_megatron.convert.assemble import assemble
+
+    out = assemble(
+        args.vision,
+        args.lm,
+        args.out,
+        projector=args.projector,
+        feature_layer=args.vision_feature_layer,
+        image_token=args.image_token,
+        spec=args.spec,
+        dtype=args.dtype,
+        preset=args.preset,
+        seed=args.seed,
+        force=args.force,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        progress=not args.quiet,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _verify_parts(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from mm_megatron.convert.verify import format_table
+    from mm_megatron.convert.verify_parts import verify_parts
+
+    for name in ("tp", "pp"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    checks = verify_parts(args.vision, args.lm, args.ckpt, tp=args.tp, pp=args.pp, atol=args.atol)
     print(format_table(checks))
     return 0 if all(c.ok for c in checks) else 1

@@ -1,8 +1,9 @@
 """Pieces both conversion directions share: the HF checkpoint reader, the meta model, atomic output.
 
-* :class:`HFCheckpoint` indexes an HF LLaVA directory (``model.safetensors`` or sharded with
+* :class:`HFCheckpoint` indexes an HF directory (``model.safetensors`` or sharded with
   ``model.safetensors.index.json``), validates every header up front (missing shards, truncated
-  files, index/file disagreements) and reads tensors one at a time by canonical key.
+  files, index/file disagreements) and reads tensors one at a time by canonical key; a
+  :class:`Naming` maps stored keys to canonical ones (a LLaVA spelling, or one part's prefix).
 * :func:`meta_model` builds the TP1/PP1 model on the ``meta`` device: its ``sharded_state_dict``
   is the exact checkpoint layout megatron expects, at no memory cost.
 * :func:`atomic_output` writes into a temp dir next to the target and renames it into place only
@@ -20,20 +21,21 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from mm_megatron.config.model_config import LlavaConfig
-from mm_megatron.convert.errors import (
+from mm_megatron.checkpoint.errors import (
     ConversionError,
     CorruptFileError,
     MissingFileError,
     OutputExistsError,
 )
-from mm_megatron.convert.keys import KeySpelling, detect_spelling
-from mm_megatron.convert.safetensors_io import TensorInfo, read_header, read_tensor
+from mm_megatron.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor
+from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.convert.keys import detect_spelling
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -64,21 +66,57 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPE_BY_NAME[name]
 
 
+class Naming(Protocol):
+    """How a checkpoint's stored keys relate to canonical (LLaVA, new-spelling) keys."""
+
+    def to_canonical(self, key: str) -> str | None:
+        """Stored key -> canonical key, or None for a tensor that is not part of a LLaVA."""
+
+    def to_file(self, canonical: str) -> str:
+        """Canonical key -> stored key."""
+
+
 class HFCheckpoint:
-    """An HF LLaVA checkpoint directory's weights, indexed and validated (nothing read yet).
+    """An HF checkpoint directory's weights, indexed and validated (nothing read yet).
+
+    Args:
+        hf_dir: the directory (``model.safetensors`` or an index plus shards).
+        naming: ``naming(stored keys)`` gives how stored keys map to canonical ones; default:
+            detect the LLaVA key spelling (see :mod:`mm_megatron.convert.keys`). Stored keys it
+            maps to None are listed in ``dropped`` and never read.
 
     Attributes:
         files: ``{file name: [keys in file order]}``.
         sharded: whether an index file lists the shards.
-        spelling: the key spelling (see :mod:`mm_megatron.convert.keys`).
+        spelling: the naming in use.
         infos: ``{canonical key: TensorInfo}``.
         file_keys: ``{canonical key: key as stored}``.
+        dropped: stored keys with no canonical key (e.g. the text half of a ``CLIPModel``).
     """
 
-    def __init__(self, hf_dir: Path):
+    def __init__(self, hf_dir: Path, naming: Callable[[list[str]], Naming] | None = None):
         self.dir = Path(hf_dir)
-        index_path = self.dir / INDEX_FILE
         self.files: dict[str, list[str]] = {}
+        raw: dict[str, TensorInfo] = {}
+        self.sharded = False
+        for fname, listed in self._weight_files().items():
+            infos, _ = read_header(self.dir / fname)
+            if listed is not None:
+                self._check_index(fname, listed, infos)
+            for k, info in infos.items():
+                if k in raw:
+                    raise CorruptFileError(f"tensor {k!r} stored twice ({fname})")
+                raw[k] = info
+            self.files[fname] = list(infos)
+        self.spelling = naming(list(raw)) if naming else detect_spelling(raw, where=str(self.dir))
+        canonical = {k: self.spelling.to_canonical(k) for k in raw}
+        self.dropped = [k for k, c in canonical.items() if c is None]
+        self.infos = {c: raw[k] for k, c in canonical.items() if c is not None}
+        self.file_keys = {c: k for k, c in canonical.items() if c is not None}
+
+    def _weight_files(self) -> dict[str, list[str] | None]:
+        """``{file name: keys the index places in it (None without an index)}``."""
+        index_path = self.dir / INDEX_FILE
         if index_path.is_file():
             self.sharded = True
             try:
@@ -94,37 +132,24 @@ class HFCheckpoint:
                         f"missing shard {self.dir / fname} (listed in {INDEX_FILE} for "
                         f"{len(keys)} tensor(s), e.g. {keys[0]!r})"
                     )
-        elif (self.dir / SINGLE_FILE).is_file():
-            self.sharded = False
-            by_file = {SINGLE_FILE: None}
-        else:
-            found = sorted(p.name for p in self.dir.glob("*") if p.suffix in WEIGHT_SUFFIXES)
-            hint = f" (found {', '.join(found)}; only safetensors are supported)" if found else ""
-            raise MissingFileError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.dir}{hint}")
-        raw: dict[str, TensorInfo] = {}
-        for fname, listed in by_file.items():
-            infos, _ = read_header(self.dir / fname)
-            if listed is not None:
-                absent = [k for k in listed if k not in infos]
-                if absent:
-                    raise CorruptFileError(
-                        f"{self.dir / fname} lacks tensor {absent[0]!r} that {INDEX_FILE} "
-                        "places in it"
-                    )
-                extra = [k for k in infos if k not in set(listed)]
-                if extra:
-                    raise CorruptFileError(
-                        f"{self.dir / fname} holds tensor {extra[0]!r} that {INDEX_FILE} does not "
-                        "list"
-                    )
-            for k, info in infos.items():
-                if k in raw:
-                    raise CorruptFileError(f"tensor {k!r} stored twice ({fname})")
-                raw[k] = info
-            self.files[fname] = list(infos)
-        self.spelling: KeySpelling = detect_spelling(raw, where=str(self.dir))
-        self.infos = {self.spelling.to_canonical(k): v for k, v in raw.items()}
-        self.file_keys = {self.spelling.to_canonical(k): k for k in raw}
+            return by_file
+        if (self.dir / SINGLE_FILE).is_file():
+            return {SINGLE_FILE: None}
+        found = sorted(p.name for p in self.dir.glob("*") if p.suffix in WEIGHT_SUFFIXES)
+        hint = f" (found {', '.join(found)}; only safetensors are supported)" if found else ""
+        raise MissingFileError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.dir}{hint}")
+
+    def _check_index(self, fname: str, listed: list[str], infos: dict) -> None:
+        absent = [k for k in listed if k not in infos]
+        if absent:
+            raise CorruptFileError(
+                f"{self.dir / fname} lacks tensor {absent[0]!r} that {INDEX_FILE} places in it"
+            )
+        extra = [k for k in infos if k not in set(listed)]
+        if extra:
+            raise CorruptFileError(
+                f"{self.dir / fname} holds tensor {extra[0]!r} that {INDEX_FILE} does not list"
+            )
 
     def read(self, key: str) -> torch.Tensor:
         """Tensor by canonical key."""
@@ -134,6 +159,10 @@ class HFCheckpoint:
         """``'stored key' in file.safetensors`` for messages."""
         info = self.infos[key]
         return f"{self.file_keys[key]!r} in {info.path.name}"
+
+    def where(self, key: str) -> str:
+        """Where a canonical key that is absent would be stored, for messages."""
+        return f"tensor {self.spelling.to_file(key)!r} not found in {self.dir}"
 
 
 def non_weight_files(hf_dir: Path) -> list[Path]:

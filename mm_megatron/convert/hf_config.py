@@ -26,13 +26,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mm_megatron.checkpoint.errors import MissingFileError, UnsupportedModelError
 from mm_megatron.config.model_config import (
     LanguageConfig,
     LlavaConfig,
     ProjectorConfig,
     VisionConfig,
 )
-from mm_megatron.convert.errors import MissingFileError, UnsupportedModelError
 from mm_megatron.model.image_tokens import image_token_count
 
 TEXT_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -74,7 +74,7 @@ def load_hf_config(hf_dir: Path):
             raise UnsupportedModelError(f"{hf_dir}/config.json: {msg}") from None
 
 
-def _rope(tc) -> tuple[float, dict[str, Any] | None]:
+def _rope(tc, where: str) -> tuple[float, dict[str, Any] | None]:
     """(theta, our rope_scaling dict or None) from a text config."""
     params = dict(getattr(tc, "rope_parameters", None) or {})
     legacy = getattr(tc, "rope_scaling", None)
@@ -101,42 +101,50 @@ def _rope(tc) -> tuple[float, dict[str, Any] | None]:
         try:
             rope_kwargs(LanguageConfig(rope_theta=theta, rope_scaling=scaling))
         except ValueError as e:
-            raise UnsupportedModelError(f"config.json text_config rope_parameters: {e}") from None
+            raise UnsupportedModelError(f"{where}rope_parameters: {e}") from None
         return theta, scaling
     raise UnsupportedModelError(
-        f"config.json text_config rope_parameters.rope_type={kind!r} is unsupported: "
+        f"{where}rope_parameters.rope_type={kind!r} is unsupported: "
         "megatron-core's GPTModel implements plain, 'linear' and 'llama3' RoPE only"
     )
 
 
-def _text(tc, make_vocab_size_divisible_by: int) -> tuple[LanguageConfig, list[str]]:
+def text_config_to_ours(
+    tc, make_vocab_size_divisible_by: int = 64, where: str = "config.json text_config."
+) -> tuple[LanguageConfig, list[str]]:
+    """A transformers Llama/Mistral/Qwen2 config -> our LanguageConfig (+ notes).
+
+    Args:
+        tc: the text config.
+        make_vocab_size_divisible_by: megatron's vocab padding multiple.
+        where: how messages name the config: a prefix for a field name (file and section).
+    """
     notes: list[str] = []
     mtype = getattr(tc, "model_type", None)
     if mtype not in TEXT_TYPES:
         raise UnsupportedModelError(
-            f"config.json text_config.model_type={mtype!r} is unsupported (supported: "
-            f"{', '.join(TEXT_TYPES)})"
+            f"{where}model_type={mtype!r} is unsupported (supported: {', '.join(TEXT_TYPES)})"
         )
     if tc.hidden_act != "silu":
         raise UnsupportedModelError(
-            f"config.json text_config.hidden_act={tc.hidden_act!r}: only SwiGLU ('silu') LMs"
+            f"{where}hidden_act={tc.hidden_act!r}: only SwiGLU ('silu') LMs"
         )
     if getattr(tc, "mlp_bias", False):
-        raise UnsupportedModelError("config.json text_config.mlp_bias=true is unsupported")
+        raise UnsupportedModelError(f"{where}mlp_bias=true is unsupported")
     if getattr(tc, "attention_bias", False):
         raise UnsupportedModelError(
-            "config.json text_config.attention_bias=true (bias on q/k/v/o) is unsupported; "
+            f"{where}attention_bias=true (bias on q/k/v/o) is unsupported; "
             "only Qwen2-style q/k/v bias is"
         )
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None)
     if head_dim not in (None, tc.hidden_size // heads):
         raise UnsupportedModelError(
-            f"config.json text_config.head_dim={head_dim} != hidden_size/num_attention_heads="
+            f"{where}head_dim={head_dim} != hidden_size/num_attention_heads="
             f"{tc.hidden_size // heads}: unsupported"
         )
     if float(getattr(tc, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise UnsupportedModelError("config.json text_config.partial_rotary_factor != 1")
+        raise UnsupportedModelError(f"{where}partial_rotary_factor != 1")
     window = getattr(tc, "sliding_window", None)
     uses_window = getattr(tc, "use_sliding_window", mtype == "mistral")
     if uses_window and window is not None and window < tc.max_position_embeddings:
@@ -144,7 +152,7 @@ def _text(tc, make_vocab_size_divisible_by: int) -> tuple[LanguageConfig, list[s
             f"text_config.sliding_window={window} is not implemented (full causal attention); "
             f"outputs are exact for sequences up to {window} tokens"
         )
-    theta, scaling = _rope(tc)
+    theta, scaling = _rope(tc, where)
     lm = LanguageConfig(
         flavor=TEXT_TYPES[mtype],
         num_layers=tc.num_hidden_layers,
@@ -159,21 +167,31 @@ def _text(tc, make_vocab_size_divisible_by: int) -> tuple[LanguageConfig, list[s
         rope_scaling=scaling,
         qkv_bias=mtype == "qwen2",
         norm_eps=float(tc.rms_norm_eps),
+        tie_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),
     )
     return lm, notes
 
 
-def _vision(vc, feature_layer, strategy: str) -> VisionConfig:
+def vision_config_to_ours(
+    vc, feature_layer, strategy: str, where: str = "config.json vision_config."
+) -> VisionConfig:
+    """A transformers CLIP/SigLIP vision config + LLaVA's feature choice -> our VisionConfig.
+
+    Args:
+        vc: the vision config.
+        feature_layer: HF ``vision_feature_layer``.
+        strategy: HF ``vision_feature_select_strategy`` (``default`` drops the class token).
+        where: how messages name the config: a prefix for a field name (file and section).
+    """
     mtype = getattr(vc, "model_type", None)
     if mtype not in VISION_TYPES:
         raise UnsupportedModelError(
-            f"config.json vision_config.model_type={mtype!r} is unsupported (supported: "
-            f"{', '.join(VISION_TYPES)})"
+            f"{where}model_type={mtype!r} is unsupported (supported: {', '.join(VISION_TYPES)})"
         )
     style = VISION_TYPES[mtype]
     if vc.hidden_act not in _VISION_ACT[style]:
         raise UnsupportedModelError(
-            f"config.json vision_config.hidden_act={vc.hidden_act!r} unsupported for {mtype} "
+            f"{where}hidden_act={vc.hidden_act!r} unsupported for {mtype} "
             f"(expected {_VISION_ACT[style][0]!r})"
         )
     if not isinstance(feature_layer, int):
@@ -225,9 +243,9 @@ def llava_config_from_hf(
             f"config.json projector_hidden_act={hf_cfg.projector_hidden_act!r}: only 'gelu' "
             "(mlp2x_gelu) projectors are supported"
         )
-    lm, notes = _text(hf_cfg.text_config, make_vocab_size_divisible_by)
+    lm, notes = text_config_to_ours(hf_cfg.text_config, make_vocab_size_divisible_by)
     lm.tie_embeddings = bool(getattr(hf_cfg, "tie_word_embeddings", False))
-    vision = _vision(
+    vision = vision_config_to_ours(
         hf_cfg.vision_config, hf_cfg.vision_feature_layer, hf_cfg.vision_feature_select_strategy
     )
     cfg = LlavaConfig(
@@ -273,13 +291,6 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
     Raises:
         UnsupportedModelError: projector types or options HF LLaVA cannot express.
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        MistralConfig,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
     from transformers import LlavaConfig as HFLlavaConfig
 
     if cfg.projector.type != "mlp2x_gelu":
@@ -288,10 +299,31 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
             "equivalent (only mlp2x_gelu)"
         )
     v, lm = cfg.vision, cfg.lm
+    strategy = "default" if v.has_class_token and v.drop_class_token else "full"
+    hf = HFLlavaConfig(
+        vision_config=vision_hf_config(cfg),
+        text_config=text_hf_config(cfg),
+        image_token_index=cfg.image_token_id,
+        image_seq_length=image_token_count(cfg),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=-1,
+        multimodal_projector_bias=cfg.projector.bias,
+        tie_word_embeddings=lm.tie_embeddings,
+    )
+    hf.architectures = ["LlavaForConditionalGeneration"]
+    d = hf.to_dict()
+    d["dtype"] = dtype
+    return d
+
+
+def vision_hf_config(cfg: LlavaConfig):
+    """A CLIP/SigLIP vision config with exactly the layers we built (no HF original needed)."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    v = cfg.vision
     if v.apply_post_layernorm:
         raise UnsupportedModelError("vision.post_layernorm=True has no HF LLaVA equivalent")
-    strategy = "default" if v.has_class_token and v.drop_class_token else "full"
-    # Only the layers we built exist: export them all and read the last one (same features).
     vkw = dict(
         hidden_size=v.hidden_size,
         intermediate_size=v.ffn_hidden_size,
@@ -303,9 +335,15 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
         layer_norm_eps=v.layernorm_eps,
     )
     if v.style == "clip":
-        vision = CLIPVisionConfig(hidden_act="quick_gelu", **vkw)
-    else:
-        vision = SiglipVisionConfig(hidden_act="gelu_pytorch_tanh", vision_use_head=False, **vkw)
+        return CLIPVisionConfig(hidden_act="quick_gelu", **vkw)
+    return SiglipVisionConfig(hidden_act="gelu_pytorch_tanh", vision_use_head=False, **vkw)
+
+
+def text_hf_config(cfg: LlavaConfig):
+    """The Llama / Mistral / Qwen2 config of our language model (qkv bias -> Qwen2)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    lm = cfg.lm
     rope = {"rope_type": "default", "rope_theta": lm.rope_theta}
     if lm.rope_scaling:
         rope = dict(lm.rope_scaling, rope_theta=lm.rope_theta)
@@ -325,23 +363,7 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
     if lm.qkv_bias:
         if lm.flavor not in ("qwen2",):
             warnings.warn("qkv_bias=True exported as a Qwen2 text config", stacklevel=2)
-        text = Qwen2Config(**tkw)
-    elif lm.flavor == "mistral":
-        text = MistralConfig(sliding_window=None, head_dim=lm.head_dim, **tkw)
-    else:
-        text = LlamaConfig(head_dim=lm.head_dim, **tkw)
-    hf = HFLlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=cfg.image_token_id,
-        image_seq_length=image_token_count(cfg),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=-1,
-        multimodal_projector_bias=cfg.projector.bias,
-        tie_word_embeddings=lm.tie_embeddings,
-    )
-    hf.architectures = ["LlavaForConditionalGeneration"]
-    d = hf.to_dict()
-    d["dtype"] = dtype
-    return d
+        return Qwen2Config(**tkw)
+    if lm.flavor == "mistral":
+        return MistralConfig(sliding_window=None, head_dim=lm.head_dim, **tkw)
+    return LlamaConfig(head_dim=lm.head_dim, **tkw)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from mm_megatron.checkpoint import model_io
+from mm_megatron.checkpoint.errors import ConversionError
+from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter
 from mm_megatron.checkpoint.streaming import ChunkView, save_streaming
 from mm_megatron.convert.common import (
     HFCheckpoint,
@@ -33,41 +35,43 @@ from mm_megatron.convert.common import (
     progress_bar,
     single_rank,
 )
-from mm_megatron.convert.errors import ConversionError
 from mm_megatron.convert.hf_config import llava_config_from_hf, load_hf_config
-from mm_megatron.convert.mapping import build_rules, passthrough_reason
-from mm_megatron.convert.safetensors_io import SafetensorsWriter, read_tensor
+from mm_megatron.convert.mapping import PARTS, build_rules, passthrough_reason
 
 SOURCE_KIND = "hf-llava"
 
 
-def plan_import(hf: HFCheckpoint, cfg) -> tuple[list, list[str]]:
-    """(rules, passthrough canonical keys), after checking names and shapes against the config."""
-    rules = build_rules(cfg)
+def plan_import(src, cfg, parts: tuple[str, ...] = PARTS, config: str = "config.json"):
+    """(rules, passthrough canonical keys), after checking names and shapes against the config.
+
+    Args:
+        src: the tensors (an :class:`~mm_megatron.convert.common.HFCheckpoint` or anything with
+            its ``infos``/``describe``/``where``).
+        cfg: our model config.
+        parts: the parts whose rules apply (see :func:`~mm_megatron.convert.mapping.build_rules`).
+        config: the file the config came from, for messages.
+    """
+    rules = build_rules(cfg, parts)
     used: set[str] = set()
     for rule in rules:
         for key, want in zip(rule.hf, rule.hf_shapes):
-            if key not in hf.infos:
-                stored = hf.spelling.to_file(key)
-                raise ConversionError(
-                    f"tensor {stored!r} not found in {hf.dir} (config.json implies it: "
-                    f"{_what(cfg)})"
-                )
-            got = hf.infos[key].shape
+            if key not in src.infos:
+                raise ConversionError(f"{src.where(key)} ({config} implies it: {_what(cfg)})")
+            got = src.infos[key].shape
             if tuple(got) != tuple(want):
                 raise ConversionError(
-                    f"tensor {hf.describe(key)} has shape {list(got)}, but config.json implies "
+                    f"tensor {src.describe(key)} has shape {list(got)}, but {config} implies "
                     f"{list(want)}"
                 )
             used.add(key)
     passthrough = []
-    for key in hf.infos:
+    for key in src.infos:
         if key in used:
             continue
         if passthrough_reason(key, cfg) is None:
             raise ConversionError(
-                f"unexpected tensor {hf.describe(key)}: not part of a LLaVA model with this "
-                f"config.json ({_what(cfg)})"
+                f"unexpected tensor {src.describe(key)}: not part of a LLaVA model with this "
+                f"{config} ({_what(cfg)})"
             )
         passthrough.append(key)
     return rules, passthrough
@@ -81,13 +85,26 @@ def _what(cfg) -> str:
     )
 
 
-def _choose_dtype(hf: HFCheckpoint, rules, requested: torch.dtype | None) -> torch.dtype:
+def choose_dtype(src, rules, requested: torch.dtype | None) -> torch.dtype:
+    """``requested``, else the tensors' one dtype (fp32, the lossless choice, if mixed)."""
     if requested is not None:
         return requested
-    counts = Counter(hf.infos[k].dtype for r in rules for k in r.hf)
+    counts = Counter(src.infos[k].dtype for r in rules for k in r.hf)
     if len(counts) == 1:
         return next(iter(counts))
-    return torch.float32  # mixed: the lossless choice
+    return torch.float32
+
+
+def dtype_record(src, rules, file_key) -> dict:
+    """``hf_dtype`` (the most common) and ``hf_dtypes`` (the exceptions, by file key)."""
+    hf_dtype = Counter(src.infos[k].dtype for r in rules for k in r.hf).most_common(1)[0][0]
+    exceptions = {
+        file_key(k): dtype_name(src.infos[k].dtype)
+        for r in rules
+        for k in r.hf
+        if src.infos[k].dtype != hf_dtype
+    }
+    return {"hf_dtype": dtype_name(hf_dtype), "hf_dtypes": exceptions}
 
 
 def hf_to_mcore(
@@ -128,8 +145,7 @@ def hf_to_mcore(
         log(f"note: {note}")
     hf = HFCheckpoint(hf_dir)
     rules, passthrough = plan_import(hf, cfg)
-    store_dtype = _choose_dtype(hf, rules, requested)
-    hf_dtype = Counter(hf.infos[k].dtype for r in rules for k in r.hf).most_common(1)[0][0]
+    store_dtype = choose_dtype(hf, rules, requested)
     source = {
         "kind": SOURCE_KIND,
         "hf_dir": str(hf_dir.absolute()),
@@ -137,54 +153,14 @@ def hf_to_mcore(
         "sharded": hf.sharded,
         "shards": hf.files,
         "dtype": dtype_name(store_dtype),
-        "hf_dtype": dtype_name(hf_dtype),
-        "hf_dtypes": {
-            hf.file_keys[k]: dtype_name(hf.infos[k].dtype)
-            for r in rules
-            for k in r.hf
-            if hf.infos[k].dtype != hf_dtype
-        },
+        **dtype_record(hf, rules, lambda k: hf.file_keys[k]),
         "passthrough": [hf.file_keys[k] for k in passthrough],
         "notes": notes,
         "transformers_version": getattr(hf_cfg, "transformers_version", None),
     }
     with atomic_output(out_dir, force, inputs=(hf_dir,)) as tmp, single_rank():
-        model = meta_model(cfg, store_dtype)
-        _check_params(model, rules)
-        by_param = {"model." + r.param: r for r in rules}
-        shapes = {"model." + n: tuple(p.shape) for n, p in model.named_parameters()}
-        total = sum(p.numel() for p in model.parameters()) * _itemsize(store_dtype)
-        bar = progress_bar(total, "hf-to-mcore", progress)
-        cache: dict[str, torch.Tensor] = {}
-
-        def resolve(view: ChunkView) -> torch.Tensor:
-            rule = by_param[view.param_key]
-            if rule.row_concat:  # a chunk that is exactly one HF tensor: no cat, no copy
-                rows = view.row_range(shapes[view.param_key])
-                first = 0
-                for key in rule.hf:
-                    n = hf.infos[key].shape[0]
-                    if rows == (first, first + n):
-                        return hf.read(key).to(store_dtype)
-                    first += n
-            if view.param_key not in cache:
-                cache.clear()
-                t = rule.to_mcore([hf.read(k) for k in rule.hf]).to(store_dtype).contiguous()
-                if tuple(t.shape) != shapes[view.param_key]:
-                    raise ConversionError(
-                        f"{rule.hf[0]}: converted shape {list(t.shape)} != model parameter "
-                        f"{view.param_key} {list(shapes[view.param_key])}"
-                    )
-                cache[view.param_key] = t
-            return view.take(cache[view.param_key])
-
-        release = tmp / model_io.RELEASE
-        release.mkdir()
-        state = model_io.model_sharded_state_dict(model)
-        save_streaming(state, release, resolve, on_write=bar.update)
-        cache.clear()
-        bar.close()
-        _write_passthrough(hf, passthrough, tmp / model_io.PASSTHROUGH)
+        write_weights(tmp, hf, cfg, rules, store_dtype, progress=progress)
+        write_passthrough(hf, passthrough, tmp / model_io.PASSTHROUGH, hf.file_keys.__getitem__)
         files = tmp / model_io.HF_FILES
         files.mkdir()
         for p in non_weight_files(hf_dir):
@@ -194,13 +170,79 @@ def hf_to_mcore(
     return out_dir
 
 
+def write_weights(
+    ckpt_dir: Path,
+    src,
+    cfg,
+    rules,
+    store_dtype: torch.dtype,
+    *,
+    fixed: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "hf-to-mcore",
+) -> None:
+    """Stream the model's release dist checkpoint into ``ckpt_dir/release``; single rank.
+
+    Args:
+        ckpt_dir: the checkpoint directory being written.
+        src: the HF tensors (see :func:`plan_import`).
+        cfg: the model config.
+        rules: the rules that build parameters from ``src``.
+        store_dtype: dtype of every stored tensor.
+        fixed: ``{parameter name: tensor}`` for parameters no rule covers (a fresh projector).
+        progress: show a tqdm bar.
+        desc: its label.
+    """
+    fixed = fixed or {}
+    model = meta_model(cfg, store_dtype)
+    _check_params(model, rules, fixed)
+    by_param = {"model." + r.param: r for r in rules}
+    shapes = {"model." + n: tuple(p.shape) for n, p in model.named_parameters()}
+    total = sum(p.numel() for p in model.parameters()) * _itemsize(store_dtype)
+    bar = progress_bar(total, desc, progress)
+    cache: dict[str, torch.Tensor] = {}
+
+    def build(key: str) -> torch.Tensor:
+        if key[len("model.") :] in fixed:
+            return fixed[key[len("model.") :]].to(store_dtype).contiguous()
+        rule = by_param[key]
+        t = rule.to_mcore([src.read(k) for k in rule.hf]).to(store_dtype).contiguous()
+        if tuple(t.shape) != shapes[key]:
+            raise ConversionError(
+                f"{rule.hf[0]}: converted shape {list(t.shape)} != model parameter "
+                f"{key} {list(shapes[key])}"
+            )
+        return t
+
+    def resolve(view: ChunkView) -> torch.Tensor:
+        rule = by_param.get(view.param_key)
+        if rule is not None and rule.row_concat:  # a chunk that is one HF tensor: no cat/copy
+            rows = view.row_range(shapes[view.param_key])
+            first = 0
+            for key in rule.hf:
+                n = src.infos[key].shape[0]
+                if rows == (first, first + n):
+                    return src.read(key).to(store_dtype)
+                first += n
+        if view.param_key not in cache:
+            cache.clear()
+            cache[view.param_key] = build(view.param_key)
+        return view.take(cache[view.param_key])
+
+    release = ckpt_dir / model_io.RELEASE
+    release.mkdir()
+    save_streaming(model_io.model_sharded_state_dict(model), release, resolve, on_write=bar.update)
+    cache.clear()
+    bar.close()
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _check_params(model, rules) -> None:
+def _check_params(model, rules, fixed: dict) -> None:
     params = {n for n, _ in model.named_parameters()}
-    ruled = {r.param for r in rules}
+    ruled = {r.param for r in rules} | set(fixed)
     if params != ruled:
         missing = sorted(params - ruled)
         extra = sorted(ruled - params)
@@ -210,8 +252,9 @@ def _check_params(model, rules) -> None:
         )
 
 
-def _write_passthrough(hf: HFCheckpoint, keys: list[str], path: Path) -> None:
-    decl = [(hf.file_keys[k], hf.infos[k].dtype, hf.infos[k].shape) for k in keys]
+def write_passthrough(src, keys: list[str], path: Path, file_key) -> None:
+    """Write the tensors ``keys`` (canonical) of ``src`` to ``path`` under ``file_key(key)``."""
+    decl = [(file_key(k), src.infos[k].dtype, src.infos[k].shape) for k in keys]
     with SafetensorsWriter({path: decl}) as w:
         for k in keys:
-            w.write(hf.file_keys[k], read_tensor(hf.infos[k]))
+            w.write(file_key(k), src.read(k))

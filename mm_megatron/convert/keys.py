@@ -17,6 +17,21 @@ llava-hf's published checkpoints use legacy + ``vision_model``; transformers 5.2
 the level in memory and only restores it for models it loaded with it). The converter works on
 the canonical form (new spelling, no ``vision_model``) and remembers the input's spelling so an
 export reproduces the input key set exactly.
+
+``convert assemble`` reads the two parts of a LLaVA from separate checkpoints, each with its own
+naming onto the same canonical keys (:class:`VisionPartNaming`, :class:`LMPartNaming`):
+
+=====================================  =====================================================
+part checkpoint                        stored key -> canonical key
+=====================================  =====================================================
+``CLIPVisionModel``/``SiglipVisionModel``  ``[vision_model.]X`` -> ``model.vision_tower.X``
+``CLIPModel``/``SiglipModel``          ``vision_model.X`` -> ``model.vision_tower.X``; the text
+                                       half (``text_model.*``, projections, logit scale) dropped
+``*ForCausalLM``                       ``model.X`` -> ``model.language_model.X``; ``lm_head.X``
+=====================================  =====================================================
+
+transformers 5.x ``save_pretrained`` writes vision models without ``vision_model.``; published
+checkpoints made with older versions carry it. Exports of the parts use the input's form.
 """
 
 from __future__ import annotations
@@ -24,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from mm_megatron.convert.errors import ConversionError
+from mm_megatron.checkpoint.errors import ConversionError
 
 # canonical prefix -> legacy prefix (vision handled separately for the vision_model level)
 _LEGACY = (
@@ -105,3 +120,49 @@ def detect_spelling(keys: Iterable[str], where: str = "checkpoint") -> KeySpelli
         odd = next(k for k in vis if not k.startswith(tower + "vision_model."))
         raise ConversionError(f"{where} mixes vision key spellings: {with_level[0]!r} and {odd!r}")
     return KeySpelling(prefix=prefix, vision_model_level=bool(with_level))
+
+
+@dataclass(frozen=True)
+class VisionPartNaming:
+    """Keys of a stand-alone vision checkpoint (see the table above)."""
+
+    prefix: str = ""
+    """``vision_model.`` or empty (what transformers 5.x writes for a vision model)."""
+    composite: bool = False
+    """A ``CLIPModel``/``SiglipModel``: keys outside ``prefix`` (the text half) are dropped."""
+
+    def to_canonical(self, key: str) -> str | None:
+        """Stored key -> canonical, None for the text half of a composite model."""
+        if key.startswith(self.prefix):
+            return _VISION + key[len(self.prefix) :]
+        return None if self.composite else key
+
+    def to_file(self, canonical: str) -> str:
+        """Canonical -> stored key."""
+        return self.prefix + canonical.removeprefix(_VISION)
+
+    @classmethod
+    def detect(cls, keys: Iterable[str], composite: bool) -> VisionPartNaming:
+        """The naming of a vision checkpoint's key set."""
+        with_prefix = any(k.startswith("vision_model.") for k in keys)
+        return cls("vision_model." if with_prefix or composite else "", composite)
+
+
+_LM = "model.language_model."
+
+
+@dataclass(frozen=True)
+class LMPartNaming:
+    """Keys of a stand-alone causal LM checkpoint (``model.X``, ``lm_head.X``)."""
+
+    def to_canonical(self, key: str) -> str:
+        """Stored key -> canonical (keys outside ``model.``/``lm_head.`` unchanged)."""
+        if key.startswith("model."):
+            return _LM + key[len("model.") :]
+        return key
+
+    def to_file(self, canonical: str) -> str:
+        """Canonical -> stored key."""
+        if canonical.startswith(_LM):
+            return "model." + canonical[len(_LM) :]
+        return canonical

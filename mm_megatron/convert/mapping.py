@@ -122,8 +122,17 @@ def _class_token(h: int) -> tuple[Callable, Callable]:
 # --- rules ------------------------------------------------------------------------------------
 
 
-def build_rules(cfg: LlavaConfig) -> list[Rule]:
-    """All rules for ``cfg`` (every megatron parameter of the TP1/PP1 model has exactly one)."""
+PARTS = ("lm", "vision", "projector")
+"""The model's parts, in rule order."""
+
+
+def build_rules(cfg: LlavaConfig, parts: tuple[str, ...] = PARTS) -> list[Rule]:
+    """The rules of ``parts`` for ``cfg``.
+
+    With all parts, every megatron parameter of the TP1/PP1 model has exactly one rule.
+    ``convert assemble`` and the parts export use ``("lm", "vision")``: the projector does not
+    come from (or go to) an HF checkpoint there.
+    """
     rules: list[Rule] = []
 
     def add(param, hf, shapes, fns, group):
@@ -131,9 +140,10 @@ def build_rules(cfg: LlavaConfig) -> list[Rule]:
         concat = fns[0] is _swiglu_cat
         rules.append(Rule(param, tuple(hf), shapes, fns[0], fns[1], group, concat))
 
-    _lm_rules(cfg, add)
-    _vision_rules(cfg, add)
-    _projector_rules(cfg, add)
+    builders = {"lm": _lm_rules, "vision": _vision_rules, "projector": _projector_rules}
+    for part in PARTS:
+        if part in parts:
+            builders[part](cfg, add)
     return rules
 
 
@@ -202,7 +212,7 @@ def _vision_rules(cfg: LlavaConfig, add) -> None:
 
 
 def _projector_rules(cfg: LlavaConfig, add) -> None:
-    # mlp2x_gelu: linear_1 [hp, hv], linear_2 [h, hp]
+    # mlp2x_gelu (the only projector HF LLaVA has): linear_1 [hp, hv], linear_2 [h, hp]
     h, hv = cfg.lm.hidden_size, cfg.vision.hidden_size
     hp = cfg.projector.hidden_size or h
     pr = "model.multi_modal_projector."

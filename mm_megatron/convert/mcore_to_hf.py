@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from mm_megatron.checkpoint import model_io
+from mm_megatron.checkpoint.errors import ConversionError
+from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from mm_megatron.convert.common import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -34,7 +39,6 @@ from mm_megatron.convert.common import (
     progress_bar,
     single_rank,
 )
-from mm_megatron.convert.errors import ConversionError
 from mm_megatron.convert.hf_config import (
     architecture_dict,
     hf_config_from_llava,
@@ -42,8 +46,7 @@ from mm_megatron.convert.hf_config import (
     load_hf_config,
 )
 from mm_megatron.convert.keys import KeySpelling
-from mm_megatron.convert.mapping import build_rules, groups_in_order
-from mm_megatron.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
+from mm_megatron.convert.mapping import PARTS, build_rules, groups_in_order
 
 DEFAULT_MAX_SHARD = 50 * 1024**3  # transformers 5.23's save_pretrained default ("50GB")
 
@@ -134,6 +137,60 @@ def _shard_layout(keys: list[str], sizes: dict[str, int], source: dict, max_shar
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": ks for i, ks in enumerate(files)}, True
 
 
+@dataclass
+class ExportSource:
+    """What an export reads: the checkpoint's config, provenance and tensors outside the model."""
+
+    cfg: Any
+    """The model config (``LlavaConfig``)."""
+    source: dict
+    """The run config's ``source`` (HF provenance; ``{}`` for a checkpoint trained from scratch)."""
+    dist_dir: Path
+    """The dist checkpoint of the chosen iteration."""
+    spelling: KeySpelling
+    """LLaVA key spelling of the HF original (passthrough keys and dtypes are recorded in it)."""
+    passthrough: dict
+    """``{file key: TensorInfo}`` of ``hf_passthrough.safetensors``."""
+    hf_files: Path
+    """The HF original's non-weight files (may not exist)."""
+    stored_dtype: torch.dtype
+    """The dtype the dist checkpoint holds."""
+    override: torch.dtype | None
+    """``--dtype``: cast every floating tensor to this."""
+
+    @classmethod
+    def open(cls, ckpt_dir: Path, iteration=None, dtype=None) -> ExportSource:
+        """Read ``ckpt_dir``'s run config and passthrough header (no weights)."""
+        override = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
+        run = model_io.read_run_config(ckpt_dir)
+        dist_dir = model_io.dist_checkpoint_dir(ckpt_dir, iteration)
+        passthrough_path = ckpt_dir / model_io.PASSTHROUGH
+        passthrough = read_header(passthrough_path)[0] if passthrough_path.is_file() else {}
+        return cls(
+            cfg=run.model,
+            source=run.source,
+            dist_dir=dist_dir,
+            spelling=KeySpelling.from_dict(run.source.get("key_spelling")),
+            passthrough=passthrough,
+            hf_files=ckpt_dir / model_io.HF_FILES,
+            stored_dtype=stored_dtype_of(dist_dir),
+            override=override,
+        )
+
+    @property
+    def default_dtype(self) -> str:
+        """Dtype name of tensors the original does not list (its main dtype, else stored)."""
+        return self.source.get("hf_dtype") or dtype_name(self.stored_dtype)
+
+    def config_json(self, log) -> tuple[str, bool]:
+        """(LLaVA config.json text, generated?): see :func:`_config_json`."""
+        return _config_json(self.cfg, self.hf_files, self.default_dtype, self.override, log)
+
+
+Route = Callable[[str], "tuple[str, str] | None"]
+"""Canonical HF key -> (output sub-directory, stored key), or None to leave the tensor out."""
+
+
 def mcore_to_hf(
     ckpt_dir: Path,
     out_dir: Path,
@@ -142,10 +199,11 @@ def mcore_to_hf(
     force: bool = False,
     iteration: int | str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD,
+    parts: bool = False,
     progress: bool = True,
     log=print,
 ) -> Path:
-    """Export an mm_megatron checkpoint directory as an HF LLaVA directory.
+    """Export an mm_megatron checkpoint directory as an HF LLaVA directory (or as its parts).
 
     Args:
         ckpt_dir: checkpoint directory (``mm_megatron.json`` + tracker + dist checkpoint).
@@ -155,6 +213,9 @@ def mcore_to_hf(
         force: replace an existing ``out_dir``.
         iteration: which saved iteration; default the tracker's.
         max_shard_size: bytes per safetensors file when there is no original layout to follow.
+        parts: write ``out_dir/vision`` (the HF vision model) and ``out_dir/lm`` (the HF causal
+            LM with the tokenizer) instead of one LLaVA; see
+            :mod:`mm_megatron.convert.export_parts`.
         progress: show a tqdm bar.
         log: where to print one-line notes.
 
@@ -163,64 +224,124 @@ def mcore_to_hf(
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     check_output(out_dir, force, (ckpt_dir,))  # fail before any work
-    override = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
-    run = model_io.read_run_config(ckpt_dir)
-    cfg, source = run.model, run.source
-    dist_dir = model_io.dist_checkpoint_dir(ckpt_dir, iteration)
-    spelling = KeySpelling.from_dict(source.get("key_spelling"))
-    rules = build_rules(cfg)
-    passthrough_path = ckpt_dir / model_io.PASSTHROUGH
-    passthrough = read_header(passthrough_path)[0] if passthrough_path.is_file() else {}
-    hf_files = ckpt_dir / model_io.HF_FILES
-    stored_dtype = stored_dtype_of(dist_dir)
-    default = source.get("hf_dtype") or dtype_name(stored_dtype)
-    config_json, generated = _config_json(cfg, hf_files, default, override, log)
-    synthetic = _synthetic_tensors(cfg) if generated else {}
+    src = ExportSource.open(ckpt_dir, iteration, dtype)
+    if parts:
+        from mm_megatron.convert.export_parts import export_parts
 
+        with atomic_output(out_dir, force, inputs=(ckpt_dir,)) as tmp, single_rank():
+            export_parts(src, tmp, max_shard_size=max_shard_size, progress=progress, log=log)
+        return out_dir
+    config_json, generated = src.config_json(log)
+    synthetic = _synthetic_tensors(src.cfg) if generated else {}
     with atomic_output(out_dir, force, inputs=(ckpt_dir,)) as tmp, single_rank():
-        loader = GroupLoader(cfg, dist_dir, stored_dtype)
-        out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for rule in rules:
-            for key, shape in zip(rule.hf, rule.hf_shapes):
-                fkey = spelling.to_file(key)
-                out[fkey] = (_output_dtype(fkey, source, loader.dtype, override), shape)
-        for fkey, info in passthrough.items():
-            cast = override if override is not None and info.dtype.is_floating_point else None
-            out[fkey] = (cast or info.dtype, info.shape)
-        synthetic = {spelling.to_file(k): v for k, v in synthetic.items()}
-        for fkey, t in synthetic.items():
-            out[fkey] = (override or loader.dtype, tuple(t.shape))
-        sizes = {k: _nbytes(d, s) for k, (d, s) in out.items()}
-        layout, sharded = _shard_layout(list(out), sizes, source, max_shard_size)
-        decl = {tmp / f: [(k, *out[k]) for k in keys] for f, keys in layout.items()}
-        bar = progress_bar(sum(sizes.values()), "mcore-to-hf", progress)
-        with SafetensorsWriter(decl) as writer:
-            for group in groups_in_order(rules):
-                members = [r for r in rules if r.group == group]
-                loaded = loader.load([r.param for r in members])
-                for rule in members:
-                    for key, t in zip(rule.hf, rule.to_hf(loaded.pop(rule.param))):
-                        fkey = spelling.to_file(key)
-                        writer.write(fkey, t.to(out[fkey][0]))
-                        bar.update(sizes[fkey])
-            for fkey, info in passthrough.items():
-                writer.write(fkey, read_tensor(info).to(out[fkey][0]))
-                bar.update(sizes[fkey])
-            for fkey, t in synthetic.items():
-                writer.write(fkey, t.to(out[fkey][0]))
-        bar.close()
-        if sharded:
-            index = {
-                "metadata": {"total_size": sum(sizes.values())},
-                "weight_map": {k: f for f, keys in layout.items() for k in sorted(keys)},
-            }
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if hf_files.is_dir():
-            for p in sorted(hf_files.iterdir()):
-                if p.is_file() and p.name != "config.json":
-                    shutil.copy2(p, tmp / p.name)
+        export_tensors(
+            src,
+            tmp,
+            lambda key: (".", src.spelling.to_file(key)),
+            synthetic=synthetic,
+            max_shard_size=max_shard_size,
+            keep_layout=True,
+            progress=progress,
+        )
+        copy_files(src.hf_files, tmp, lambda name: name != "config.json")
         (tmp / "config.json").write_text(config_json)
     return out_dir
+
+
+def export_tensors(
+    src: ExportSource,
+    out_dir: Path,
+    route: Route,
+    *,
+    parts: tuple[str, ...] = PARTS,
+    synthetic: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+    keep_layout: bool = False,
+    progress: bool = True,
+) -> None:
+    """Write the HF tensors of ``parts`` (and the passthrough ones) where ``route`` sends them.
+
+    Streams one rule group (a layer, the embeddings) at a time. Each output sub-directory gets
+    one ``model.safetensors`` or, past ``max_shard_size``, shards and an index. Single rank.
+
+    Args:
+        src: the checkpoint.
+        out_dir: the output root (sub-directories are created).
+        route: canonical key -> (sub-directory, stored key) or None (not written).
+        parts: which parts' rules to export.
+        synthetic: ``{canonical key: tensor}`` HF needs but the checkpoint lacks.
+        max_shard_size: bytes per file when no original layout applies.
+        keep_layout: follow the HF original's shard layout when it covers the same keys.
+        progress: show a tqdm bar.
+    """
+    rules = build_rules(src.cfg, parts)
+    loader = GroupLoader(src.cfg, src.dist_dir, src.stored_dtype)
+    plan = _plan_outputs(src, rules, synthetic or {}, loader.dtype)
+    dest = {k: r for k in plan if (r := route(k)) is not None}
+    sizes = {k: _nbytes(*plan[k]) for k in dest}
+    decl: dict[Path, list] = {}
+    for sub in sorted({d for d, _ in dest.values()}):
+        keys = [k for k in dest if dest[k][0] == sub]
+        stored = {dest[k][1]: k for k in keys}
+        source = src.source if keep_layout else {}
+        layout, sharded = _shard_layout(
+            list(stored), {f: sizes[stored[f]] for f in stored}, source, max_shard_size
+        )
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        for fname, fkeys in layout.items():
+            decl[out_dir / sub / fname] = [(f, *plan[stored[f]]) for f in fkeys]
+        if sharded:
+            _write_index(out_dir / sub, layout, {f: sizes[stored[f]] for f in stored})
+    bar = progress_bar(sum(sizes.values()), "mcore-to-hf", progress)
+
+    def put(writer, key: str, t: torch.Tensor) -> None:
+        if key in dest:
+            writer.write(dest[key][1], t.to(plan[key][0]))
+            bar.update(sizes[key])
+
+    with SafetensorsWriter(decl) as writer:
+        for group in groups_in_order(rules):
+            members = [r for r in rules if r.group == group]
+            loaded = loader.load([r.param for r in members])
+            for rule in members:
+                for key, t in zip(rule.hf, rule.to_hf(loaded.pop(rule.param))):
+                    put(writer, key, t)
+        for fkey, info in src.passthrough.items():
+            put(writer, src.spelling.to_canonical(fkey), read_tensor(info))
+        for key, t in (synthetic or {}).items():
+            put(writer, key, t)
+    bar.close()
+
+
+def _plan_outputs(src: ExportSource, rules, synthetic: dict, stored: torch.dtype) -> dict:
+    """``{canonical key: (output dtype, shape)}`` of every tensor an export can write."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for rule in rules:
+        for key, shape in zip(rule.hf, rule.hf_shapes):
+            fkey = src.spelling.to_file(key)
+            out[key] = (_output_dtype(fkey, src.source, stored, src.override), shape)
+    for fkey, info in src.passthrough.items():
+        cast = src.override if src.override is not None and info.dtype.is_floating_point else None
+        out[src.spelling.to_canonical(fkey)] = (cast or info.dtype, info.shape)
+    for key, t in synthetic.items():
+        out[key] = (src.override or stored, tuple(t.shape))
+    return out
+
+
+def _write_index(out_dir: Path, layout: dict[str, list[str]], sizes: dict[str, int]) -> None:
+    index = {
+        "metadata": {"total_size": sum(sizes.values())},
+        "weight_map": {k: f for f, keys in layout.items() for k in sorted(keys)},
+    }
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def copy_files(src_dir: Path, dst_dir: Path, keep: Callable[[str], bool]) -> None:
+    """Copy the top-level files of ``src_dir`` whose name ``keep`` accepts (if it exists)."""
+    if src_dir.is_dir():
+        for p in sorted(src_dir.iterdir()):
+            if p.is_file() and keep(p.name):
+                shutil.copy2(p, dst_dir / p.name)
 
 
 def _nbytes(dtype: torch.dtype, shape) -> int:

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from mm_megatron.checkpoint import model_io
+from mm_megatron.checkpoint.errors import ConversionError
+from mm_megatron.checkpoint.safetensors_io import read_header, read_tensor
 from mm_megatron.convert.common import HFCheckpoint, single_rank
-from mm_megatron.convert.errors import ConversionError
 from mm_megatron.convert.hf_config import architecture_dict, llava_config_from_hf, load_hf_config
 from mm_megatron.convert.keys import KeySpelling
 from mm_megatron.convert.mapping import build_rules, groups_in_order
-from mm_megatron.convert.safetensors_io import read_header, read_tensor
 
 
 @dataclass
@@ -183,7 +183,7 @@ def check_logits(
 ) -> Check:
     from transformers import LlavaForConditionalGeneration
 
-    from mm_megatron.convert.testing import hf_logits, make_inputs
+    from mm_megatron.convert.tiny_models import hf_logits, make_inputs
 
     name = f"logits TP{tp}xPP{pp}"
     model = LlavaForConditionalGeneration.from_pretrained(

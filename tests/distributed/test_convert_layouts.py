@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm_megatron.convert.testing import hf_logits, make_inputs, save_tiny_hf
+from mm_megatron.convert.tiny_models import hf_logits, make_inputs, save_tiny_hf
 from tests.distributed.launcher import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -100,8 +100,8 @@ def test_logits_match_transformers_at_every_layout(world, variant, tp, pp):
 
 def test_checkpoint_saved_at_tp2_pp2_reloads_and_exports_exactly(world, tmp_path):
     from mm_megatron.checkpoint import model_io
+    from mm_megatron.checkpoint.safetensors_io import read_header, read_tensor
     from mm_megatron.convert.mcore_to_hf import mcore_to_hf
-    from mm_megatron.convert.safetensors_io import read_header, read_tensor
 
     refs, results, paths, resaved = world
     assert model_io.read_tracker(resaved) == 7

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from mm_megatron.cli import main
-from mm_megatron.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
-from mm_megatron.convert.testing import save_tiny_hf
+from mm_megatron.convert.tiny_models import save_tiny_hf
 
 
 @pytest.fixture(scope="module")

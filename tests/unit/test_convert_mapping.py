@@ -8,12 +8,12 @@ import struct
 import pytest
 import torch
 
-from mm_megatron.convert.errors import CorruptFileError, MissingFileError, UnsupportedModelError
+from mm_megatron.checkpoint.errors import CorruptFileError, MissingFileError, UnsupportedModelError
+from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from mm_megatron.convert.hf_config import llava_config_from_hf
 from mm_megatron.convert.keys import KeySpelling, detect_spelling
 from mm_megatron.convert.mapping import build_rules, interleave_qkv, split_qkv
-from mm_megatron.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
-from mm_megatron.convert.testing import tiny_hf_config
+from mm_megatron.convert.tiny_models import tiny_hf_config
 from mm_megatron.model.image_tokens import image_token_count
 
 # --- QKV ---------------------------------------------------------------------------------------

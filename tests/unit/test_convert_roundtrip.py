@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from mm_megatron.checkpoint import model_io
+from mm_megatron.checkpoint.safetensors_io import read_header, read_tensor
 from mm_megatron.convert.keys import KeySpelling
-from mm_megatron.convert.safetensors_io import read_header, read_tensor
-from mm_megatron.convert.testing import hf_logits, make_inputs, save_tiny_hf
+from mm_megatron.convert.tiny_models import hf_logits, make_inputs, save_tiny_hf
 
 SETUPS = {
     "llama": dict(

@@ -16,7 +16,7 @@ import torch
 
 from mm_megatron.checkpoint import model_io
 from mm_megatron.cli import main
-from mm_megatron.convert.testing import save_tiny_hf
+from mm_megatron.convert.tiny_models import save_tiny_hf
 
 
 def test_hf_to_mcore_train_two_steps_then_back_to_hf(tmp_path, capsys):

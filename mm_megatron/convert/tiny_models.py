@@ -1,4 +1,8 @@
-"""Tiny random-weight HF LLaVA checkpoints and matching inputs, for tests and ``convert verify``.
+"""Tiny random-weight HF checkpoints (LLaVA, and separate vision/LM parts) and matching inputs.
+
+Product code: ``convert verify`` builds its inputs with :func:`make_inputs`, and the README's
+walkthroughs make their CPU-sized models with :func:`save_tiny_hf`, :func:`save_tiny_vision` and
+:func:`save_tiny_lm`; the tests use the same.
 
 Everything is built with transformers' own classes (``LlavaForConditionalGeneration``,
 ``LlavaProcessor`` with a ``tokenizers`` WordLevel tokenizer and a CLIP image processor) and saved
@@ -18,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mm_megatron.checkpoint.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from mm_megatron.convert.keys import KeySpelling
-from mm_megatron.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
 
 VARIANTS = ("llama", "qwen2", "mistral", "siglip", "llama3rope")
 
@@ -104,33 +108,51 @@ def tiny_hf_model(variant: str = "llama", seed: int = 0):
     return model
 
 
-def tiny_processor(hf_cfg):
-    """A ``LlavaProcessor`` (WordLevel tokenizer + CLIP image processor) matching ``hf_cfg``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+def tiny_tokenizer(size: int, specials: dict[int, str], **special_kwargs):
+    """A WordLevel ``PreTrainedTokenizerFast`` of ``size`` tokens.
 
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers import CLIPImageProcessor as ImageProcessor
+    The top ids spell the synthetic dataset's words, so ``mm-megatron train`` on the generated
+    data with this tokenizer sees no unknown tokens; ids in ``specials`` carry those names, the
+    rest are placeholder words ``w<id>``.
+
+    Args:
+        size: vocabulary size.
+        specials: ``{id: token}`` (e.g. ``{0: "<unk>", 1: "<s>"}``).
+        special_kwargs: passed to the tokenizer (``unk_token="<unk>"``, ...).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     from mm_megatron.data.synthetic import vocabulary_words
 
-    vocab_size = hf_cfg.text_config.vocab_size
-    image_token = hf_cfg.image_token_index
-    specials = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<pad>", image_token: "<image>"}
-    # the top ids spell the synthetic dataset's words, so `mm-megatron train` on the generated
-    # data with this tokenizer sees no unknown tokens; the rest are placeholder words w<id>
     words = vocabulary_words()
-    first_word = vocab_size - len(words)
+    first_word = size - len(words)
     assert first_word > max(specials), "tiny vocabulary too small for the synthetic words"
     vocab = {specials.get(i, f"w{i}"): i for i in range(first_word)}
     vocab.update({w: first_word + i for i, w in enumerate(words)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special_kwargs)
+
+
+def _image_processor_class():
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+    return ImageProcessor
+
+
+def tiny_processor(hf_cfg):
+    """A ``LlavaProcessor`` (WordLevel tokenizer + CLIP image processor) matching ``hf_cfg``."""
+    from transformers import LlavaProcessor
+
+    image_token = hf_cfg.image_token_index
+    specials = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<pad>", image_token: "<image>"}
+    tokenizer = tiny_tokenizer(
+        hf_cfg.text_config.vocab_size,
+        specials,
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
@@ -138,7 +160,7 @@ def tiny_processor(hf_cfg):
         extra_special_tokens={"image_token": "<image>"},
     )
     size = hf_cfg.vision_config.image_size
-    image_processor = ImageProcessor(
+    image_processor = _image_processor_class()(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
     strategy = hf_cfg.vision_feature_select_strategy
@@ -231,3 +253,98 @@ def hf_logits(model, inputs: dict) -> torch.Tensor:
     """Logits of an HF LLaVA model on ``make_inputs(...)["hf"]``: [b, s, vocab] fp32."""
     out = model(**inputs, use_cache=False)
     return out.logits.float()
+
+
+# --- separate parts, for ``convert assemble`` -------------------------------------------------
+
+VISION_PARTS = ("clip", "clip-model", "siglip", "siglip-model")
+"""Tiny vision checkpoints: ``CLIPVisionModel``, ``CLIPModel``, ``SiglipVisionModel``,
+``SiglipModel`` (the ``-model`` ones carry a text half that assembly drops)."""
+LM_PARTS = ("llama", "qwen2", "mistral")
+"""Tiny causal LMs: GQA Llama without a pad token (assembly adds ``<pad>`` and ``<image>``, vocab
+100 -> 102); Qwen2 with qkv bias, tied embeddings, rope theta 1e6 and 10 spare embedding rows past
+its 110-token tokenizer (the added tokens land there: no resize); Mistral with a pad token."""
+
+_TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+_TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+
+def _perturb(model, seed: int):
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.eval()
+
+
+def save_tiny_vision(out_dir: Path, kind: str = "clip", *, seed: int = 0, dtype=torch.float32):
+    """Save a tiny random vision checkpoint (see :data:`VISION_PARTS`); returns the model."""
+    import transformers as tf
+
+    if kind not in VISION_PARTS:
+        raise ValueError(f"unknown vision part {kind!r}; known: {VISION_PARTS}")
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    if kind == "clip":
+        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(**_TINY_VISION))
+    elif kind == "clip-model":
+        cfg = tf.CLIPConfig(
+            vision_config=_TINY_VISION, text_config=dict(vocab_size=64, **text), projection_dim=16
+        )
+        model = tf.CLIPModel(cfg)
+    elif kind == "siglip":
+        model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**_TINY_VISION))
+    else:
+        cfg = tf.SiglipConfig(vision_config=_TINY_VISION, text_config=dict(vocab_size=64, **text))
+        model = tf.SiglipModel(cfg)
+    _perturb(model, seed).to(dtype).save_pretrained(out_dir)
+    return model.float()
+
+
+def save_tiny_lm(
+    out_dir: Path,
+    kind: str = "llama",
+    *,
+    seed: int = 0,
+    dtype=torch.float32,
+    max_shard_size: str | None = None,
+):
+    """Save a tiny random causal LM and its tokenizer (see :data:`LM_PARTS`); returns the model."""
+    import transformers as tf
+
+    if kind not in LM_PARTS:
+        raise ValueError(f"unknown LM part {kind!r}; known: {LM_PARTS}")
+    torch.manual_seed(seed)
+    specials = {0: "<unk>", 1: "<s>", 2: "</s>"}
+    names = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, **_TINY_TEXT))
+        tokenizer = tiny_tokenizer(100, specials, **names)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(vocab_size=120, rope_theta=1e6, tie_word_embeddings=True, **_TINY_TEXT)
+        model = tf.Qwen2ForCausalLM(cfg)
+        tokenizer = tiny_tokenizer(110, {**specials, 3: "<pad>"}, pad_token="<pad>", **names)
+    else:
+        model = tf.MistralForCausalLM(
+            tf.MistralConfig(vocab_size=100, sliding_window=None, **_TINY_TEXT)
+        )
+        tokenizer = tiny_tokenizer(100, {**specials, 3: "<pad>"}, pad_token="<pad>", **names)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    _perturb(model, seed).to(dtype).save_pretrained(out_dir, **kwargs)
+    tokenizer.save_pretrained(out_dir)
+    return model.float()

@@ -1,4 +1,7 @@
-"""Errors the converters raise for bad input: one line, naming the file or tensor at fault.
+"""Errors for bad checkpoint input: one line, naming the file or tensor at fault.
+
+The checkpoint format (:mod:`.model_io`, :mod:`.safetensors_io`) and the converters in
+:mod:`mm_megatron.convert` (which import this layer, never the reverse) raise them.
 
 They subclass ``ValueError`` (or ``FileNotFoundError``) so ``mm-megatron``'s CLI prints them as
 ``mm-megatron convert: error: ...`` and exits 2 without a traceback.

@@ -12,13 +12,13 @@ offsets past the end of the file, byte counts that disagree with shape x dtype) 
 file and tensor. Writing computes the header from the declared tensors first, so tensors can then
 be written in any order (each lands at its own offset).
 
-Not here: the index file (``model.safetensors.index.json``) and key naming (see ``hf_to_mcore``).
+Not here: the index file (``model.safetensors.index.json``) and key naming (see
+:mod:`mm_megatron.convert.common` and :mod:`mm_megatron.convert.keys`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mm_megatron.convert.errors import CorruptFileError, MissingFileError
+from mm_megatron.checkpoint.errors import CorruptFileError, MissingFileError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -248,14 +248,6 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """Write a small dict of tensors to one file (used for the passthrough file)."""
-    decl = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    with SafetensorsWriter({Path(path): decl}, metadata) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-
-
 def index_files(paths: Iterable[Path]) -> dict[str, TensorInfo]:
     """Headers of several files merged into ``{name: TensorInfo}`` (duplicate names are errors)."""
     out: dict[str, TensorInfo] = {}
@@ -268,11 +260,3 @@ def index_files(paths: Iterable[Path]) -> dict[str, TensorInfo]:
                 )
             out[name] = info
     return out
-
-
-def file_size(path: os.PathLike) -> int:
-    """Size in bytes (0 if missing)."""
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0

@@ -1,0 +1,104 @@
+"""``mcore-to-hf --parts``: export a checkpoint's vision tower and language model as HF models.
+
+Writes two HF directories under the output:
+
+* ``vision/``: the vision tower as ``CLIPVisionModel`` or ``SiglipVisionModel`` (config.json,
+  safetensors, and the image processor's ``preprocessor_config.json`` when the checkpoint has
+  one). Layers past ``vision_feature_layer`` and ``post_layernorm``, which LLaVA never runs, come
+  from the passthrough file, so a frozen tower comes back bit-exact and complete.
+* ``lm/``: the language model as ``LlamaForCausalLM``, ``MistralForCausalLM`` or
+  ``Qwen2ForCausalLM`` with the tokenizer files (added tokens kept; the vocabulary, and the
+  embedding and output rows, include them).
+
+The projector has no stand-alone HF class and is not written. Configs are the parts' own (which
+``convert assemble`` records, whatever the projector), else those inside the LLaVA config.json
+the checkpoint carries (``hf-to-mcore`` stores one), else made from the model config for a
+checkpoint trained from scratch. Key spellings follow the parts'
+originals (recorded by ``convert assemble``); dtypes follow the originals unless ``--dtype``.
+
+Not here: reading the dist checkpoint and the shard layout (:mod:`.mcore_to_hf`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mm_megatron.convert.common import dtype_name
+from mm_megatron.convert.keys import LMPartNaming, VisionPartNaming
+from mm_megatron.convert.mcore_to_hf import (
+    ExportSource,
+    _synthetic_tensors,
+    copy_files,
+    export_tensors,
+)
+
+VISION_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+LM_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json",)
+"""HF files that belong to the vision part; the processor's own config belongs to neither."""
+NOT_LM_FILES = {"config.json", "processor_config.json", *IMAGE_PROCESSOR_FILES}
+
+
+def export_parts(
+    src: ExportSource, out_dir: Path, *, max_shard_size: int, progress: bool, log=print
+) -> None:
+    """Write ``out_dir/vision`` and ``out_dir/lm`` (see the module docstring); single rank."""
+    recorded = src.source.get("part_configs")  # convert assemble keeps the parts' own configs
+    if recorded:
+        dtype = dtype_name(src.override) if src.override is not None else src.default_dtype
+        llava, generated = (
+            {"vision_config": recorded["vision"], "text_config": recorded["text"]},
+            False,
+        )
+        llava["dtype"] = dtype
+    else:
+        config_text, generated = src.config_json(log)
+        llava = json.loads(config_text)
+    vision_cfg, lm_cfg = _part_configs(src, llava)
+    vision_naming = VisionPartNaming(src.source.get("vision_key_prefix", ""))
+    lm_naming = LMPartNaming()
+
+    def route(key: str):
+        if key.startswith("model.vision_tower."):
+            return "vision", vision_naming.to_file(key)
+        if key.startswith("model.language_model.") or key.startswith("lm_head."):
+            return "lm", lm_naming.to_file(key)
+        return None  # the projector
+
+    synthetic = _synthetic_tensors(src.cfg) if generated else {}
+    export_tensors(
+        src,
+        out_dir,
+        route,
+        parts=("lm", "vision"),
+        synthetic=synthetic,
+        max_shard_size=max_shard_size,
+        progress=progress,
+    )
+    for sub, cfg in (("vision", vision_cfg), ("lm", lm_cfg)):
+        (out_dir / sub / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    copy_files(src.hf_files, out_dir / "vision", lambda n: n in IMAGE_PROCESSOR_FILES)
+    copy_files(src.hf_files, out_dir / "lm", lambda n: n not in NOT_LM_FILES)
+
+
+def _part_configs(src: ExportSource, llava: dict) -> tuple[dict, dict]:
+    """(vision config dict, causal-LM config dict) from a LLaVA config dict."""
+    cfg = src.cfg
+    dtype = llava.get("dtype") or llava.get("torch_dtype") or src.default_dtype
+    vision = dict(llava["vision_config"])
+    vision["architectures"] = [VISION_CLASSES[cfg.vision.style]]
+    vision["dtype"] = dtype
+    text = dict(llava["text_config"])
+    flavor = text.get("model_type", cfg.lm.flavor)
+    text["architectures"] = [LM_CLASSES.get(flavor, LM_CLASSES["llama"])]
+    text["tie_word_embeddings"] = cfg.lm.tie_embeddings
+    text["vocab_size"] = cfg.lm.vocab_size
+    text["dtype"] = dtype
+    for d in (vision, text):
+        d.pop("torch_dtype", None)
+    return vision, text
