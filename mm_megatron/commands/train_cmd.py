@@ -170,11 +170,11 @@ def _run(args: argparse.Namespace) -> int:
     from mm_megatron.runtime import startup_warnings
 
     startup_warnings.announce()  # one line instead of the fallback warnings
-    from mm_megatron.train.trainer import DataError, NonFiniteLossError, train
+    from mm_megatron.train.trainer import DataError, NonFiniteLossError, PeerFailure, train
 
     try:
         result = train(job)
-    except (NonFiniteLossError, DataError) as e:
+    except (NonFiniteLossError, DataError, PeerFailure) as e:
         if os.environ.get("MM_MEGATRON_DEBUG") == "1":
             raise
         print(f"mm-megatron train: error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ from mm_megatron.data.reader import ExampleDataset, SampleOrder
 from mm_megatron.data.samples import BadSample, Example, SampleProcessor
 from mm_megatron.data.shards import resolve_shards
 from mm_megatron.data.tokenizer import TokenizerInfo, prepare_tokenizer
+from mm_megatron.runtime.children import loader_worker_init
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class MultimodalDataLoader:
             batch_size=None,
             collate_fn=_keep,
             num_workers=self.num_workers,
+            worker_init_fn=loader_worker_init,  # workers outlive no rank, ignore stop signals
             prefetch_factor=max(1, -(-self.prefetch_per_worker // dataset.chunk)),
         )
         pending: dict[int, list[Example | BadSample]] = {}

@@ -19,6 +19,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -62,14 +63,15 @@ def default_backend() -> str:
     return "gloo" if cpu_runtime.on_cpu() else "nccl"
 
 
-def _init_process_group(backend: str | None) -> None:
+def _init_process_group(backend: str | None, timeout_s: float | None = None) -> None:
     if dist.is_initialized():
         return
     backend = backend or default_backend()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend=backend, timeout=timeout)
         return
     fd, store = tempfile.mkstemp(prefix="mm_megatron_pg_")
     os.close(fd)
@@ -78,15 +80,21 @@ def _init_process_group(backend: str | None) -> None:
 
 
 def initialize(
-    par: ParallelConfig, *, seed: int = 1234, backend: str | None = None
+    par: ParallelConfig,
+    *,
+    seed: int = 1234,
+    backend: str | None = None,
+    timeout_s: float | None = None,
 ) -> ProcessGroupCollection:
     """Set up torch.distributed + megatron parallel state for layout ``par``.
+
+    ``timeout_s`` bounds every collective (None: torch's default).
 
     Returns:
         The ProcessGroupCollection model code receives.
     """
     cpu_runtime.activate()
-    _init_process_group(backend)
+    _init_process_group(backend, timeout_s)
     check_world_size(par, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -95,6 +103,7 @@ def initialize(
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.virtual_pp,
         context_parallel_size=par.cp,
+        **({"distributed_timeout_minutes": timeout_s / 60} if timeout_s else {}),
     )
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

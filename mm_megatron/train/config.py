@@ -136,6 +136,9 @@ class TrainConfig:
     """Training samples of the generated synthetic dataset (used when no data is configured)."""
     num_threads: int | None = None
     """torch CPU threads per process; None: cores / local ranks on CPU, torch's default on GPU."""
+    dist_timeout_s: float = 600.0
+    """Seconds a collective may wait for its peers before the job stops naming the late rank
+    (torch.distributed's timeout; a dead peer is usually seen at once)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first impossible value."""

@@ -45,7 +45,7 @@ from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.layout import validate_layout
 from mm_megatron.parallel.schedule import forward_backward
-from mm_megatron.runtime import cpu_runtime, distributed
+from mm_megatron.runtime import children, cpu_runtime, distributed
 from mm_megatron.train import checkpointing as ckpt
 from mm_megatron.train.components import (
     build_model,
@@ -63,6 +63,7 @@ from mm_megatron.train.data_setup import (
     resolve_data,
 )
 from mm_megatron.train.evaluate import caption_attribute_accuracy, validation_loss
+from mm_megatron.train.heartbeat import Heartbeat, PeerFailure
 from mm_megatron.train.metrics import (
     IntervalStats,
     MetricsWriter,
@@ -74,6 +75,9 @@ from mm_megatron.train.throughput import throughput
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Signals that trigger a checkpoint and a clean exit."""
+
+
+__all__ = ["DataError", "NonFiniteLossError", "PeerFailure", "TrainResult", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -144,9 +148,11 @@ class Trainer:
         """Everything before the first step; collective."""
         job, t = self.job, self.job.train
         self._set_threads()
-        distributed.initialize(job.parallel, seed=t.seed)
+        distributed.initialize(job.parallel, seed=t.seed, timeout_s=t.dist_timeout_s)
         world = dist.get_world_size()
         self.rank = dist.get_rank()
+        children.guard_helpers(checkpoint_writer=bool(t.save))  # before any helper starts
+        self.heartbeat = Heartbeat(self.rank, world)
         validate_layout(job.model, job.parallel, world)
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -451,7 +457,9 @@ class Trainer:
         t = self.job.train
         interval, paused = IntervalStats(), 0.0
         while self.iteration < t.train_iters:
-            step = self.train_step()
+            self.heartbeat.beat(self.iteration + 1)
+            with self.heartbeat.watch(self.iteration + 1):
+                step = self.train_step()
             self.result.losses[self.iteration] = step["loss"]
             interval.add(step["tokens"], step["flops"], step["loss"])
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
