@@ -20,6 +20,7 @@ COMMANDS = {
     "convert": "mm_megatron.commands.convert_cmd",
     "bench": "mm_megatron.commands.bench_cmd",
     "plan": "mm_megatron.commands.plan_cmd",
+    "launch": "mm_megatron.commands.launch_cmd",
 }
 
 

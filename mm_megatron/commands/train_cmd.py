@@ -170,7 +170,10 @@ def _run(args: argparse.Namespace) -> int:
     from mm_megatron.runtime import startup_warnings
 
     startup_warnings.announce()  # one line instead of the fallback warnings
+    from mm_megatron.launch.env import export_rank_env
     from mm_megatron.train.trainer import DataError, NonFiniteLossError, PeerFailure, train
+
+    export_rank_env()  # srun starting one task per rank without torchrun: join via SLURM's vars
 
     try:
         result = train(job)

@@ -14,8 +14,10 @@ What this file does:
 - `ignore_stop_signals()`: SIGTERM, SIGINT and SIGUSR1 are ignored; the trainer stops its
   helpers itself once the checkpoint is written;
 - `loader_worker_init`: both of the above, as a DataLoader ``worker_init_fn``;
-- `guard_helpers()`: once per process, every later ``fork`` child dies with its parent, and
-  megatron's checkpoint-writer Manager is started with both guards (call before the first save).
+- `guard_helpers()`: once per process, every later ``fork`` child dies with its parent;
+  forked daemonic children (loader workers) still alive at exit are SIGKILLed (multiprocessing's
+  exit hook would SIGTERM them, then wait forever); megatron's checkpoint-writer Manager is
+  started with both guards (call before the first save).
 
 What it does not do: handle the signals in the trainer (`mm_megatron.train.trainer`) or detect
 dead peers (`mm_megatron.train.heartbeat`).
@@ -23,6 +25,7 @@ dead peers (`mm_megatron.train.heartbeat`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -87,6 +90,31 @@ def _pdeathsig_only() -> None:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def kill_forked_daemons() -> None:
+    """SIGKILL this process's forked daemonic children that are still alive (at exit).
+
+    These are DataLoader workers (which only read data) or, after an error, a checkpoint writer
+    whose save would not be finalised anyway.
+    """
+    import multiprocessing
+    from multiprocessing.popen_fork import Popen as ForkPopen
+
+    # NOTE: torch's SIGCHLD handler raises when a loader worker dies; it must not interrupt this.
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    doomed = [
+        p
+        for p in multiprocessing.active_children()
+        if p.daemon and type(getattr(p, "_popen", None)) is ForkPopen and p.pid
+    ]
+    for proc in doomed:
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGKILL)
+    for proc in doomed:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=5)
+
+
 def guard_helpers(checkpoint_writer: bool = True) -> None:
     """Guard this process's later helpers (idempotent; Linux only).
 
@@ -95,7 +123,8 @@ def guard_helpers(checkpoint_writer: bool = True) -> None:
             Manager process that ignores stop signals and dies with this one (only worth its
             start-up cost in a run that saves).
 
-    Every process forked from now on gets SIGKILL when its parent dies.
+    Every process forked from now on gets SIGKILL when its parent dies; under torchrun this
+    rank too dies with its agent (a SIGKILLed launcher leaves nothing behind).
     """
     global _guarded, _manager
     if not sys.platform.startswith("linux"):
@@ -103,6 +132,12 @@ def guard_helpers(checkpoint_writer: bool = True) -> None:
     if not _guarded:
         _guarded = True
         os.register_at_fork(after_in_child=_pdeathsig_only)
+        # NOTE: registered after multiprocessing's own exit hook, so it runs first (atexit is
+        # LIFO): that hook SIGTERMs daemonic children and then joins them, which would wait
+        # forever for loader workers that ignore SIGTERM.
+        atexit.register(kill_forked_daemons)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank dies with its agent
+            die_with_parent()
     if not checkpoint_writer or _manager is not None:
         return
     from multiprocessing.managers import SyncManager

@@ -67,6 +67,9 @@ class Heartbeat:
     def __init__(self, rank: int, world: int):
         self.rank = rank
         self.world = world
+        self.step = 0
+        """The step this rank started last."""
+        self._since = time.monotonic()
         self.store = None
         if world > 1 and dist.is_initialized():
             with contextlib.suppress(Exception):
@@ -74,6 +77,8 @@ class Heartbeat:
 
     def beat(self, step: int) -> None:
         """Record that this rank starts `step` (best effort)."""
+        self.step = step
+        self._since = time.monotonic()
         if self.store is not None:
             with contextlib.suppress(Exception):
                 self.store.set(KEY.format(rank=self.rank), str(step))
@@ -99,22 +104,17 @@ class Heartbeat:
         return out
 
     @contextlib.contextmanager
-    def watch(self, step: int) -> Iterator[None]:
-        """Turn a collective failure inside the block into a `PeerFailure` naming late ranks.
-
-        Args:
-            step: The step this rank is running (1-based, as logged).
-        """
-        start = time.monotonic()
+    def watch(self) -> Iterator[None]:
+        """Turn a collective failure inside the block into a `PeerFailure` naming late ranks."""
         try:
             yield
         except Exception as e:
             if self.world == 1 or not is_comm_error(e):
                 raise
-            raise PeerFailure(self.describe(e, step, time.monotonic() - start)) from e
+            raise PeerFailure(self.describe(e, self.step, time.monotonic() - self._since)) from e
 
     def describe(self, exc: BaseException, step: int, waited_s: float) -> str:
-        """The one-line message for a collective that failed at `step` after `waited_s`."""
+        """The one-line message for a collective that failed at `step`, `waited_s` into it."""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if len(first) > 160:
             first = first[:157] + "..."
@@ -131,8 +131,9 @@ class Heartbeat:
         if silent:
             parts.append("no answer from rank(s) " + ",".join(silent))
         if not parts:
-            parts.append("every peer reached this step (a peer failed inside it)")
+            peers = ",".join(str(r) for r in steps)
+            parts.append(f"rank(s) {peers} all began this step; one of them died or hung in it")
         return (
-            f"rank {self.rank}: collective failed at step {step} after {waited_s:.1f}s "
+            f"rank {self.rank}: collective failed in step {step}, {waited_s:.1f}s after it began "
             f"({first}); " + "; ".join(parts)
         )

@@ -458,8 +458,7 @@ class Trainer:
         interval, paused = IntervalStats(), 0.0
         while self.iteration < t.train_iters:
             self.heartbeat.beat(self.iteration + 1)
-            with self.heartbeat.watch(self.iteration + 1):
-                step = self.train_step()
+            step = self.train_step()
             self.result.losses[self.iteration] = step["loss"]
             interval.add(step["tokens"], step["flops"], step["loss"])
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
@@ -508,6 +507,7 @@ def train(job: JobConfig) -> TrainResult:
     trainer = Trainer(job)
     try:
         trainer.setup()
-        return trainer.run()
+        with trainer.heartbeat.watch():  # a dead or stuck peer: one line naming it, exit 1
+            return trainer.run()
     finally:
         trainer.close()
