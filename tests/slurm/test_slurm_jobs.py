@@ -118,7 +118,6 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, slurm_data
     deadline = time.monotonic() + 180
     while not tracker.exists():
         assert time.monotonic() < deadline, f"no checkpoint after 180s\n{cluster.logs()}"
-        assert job_field(cluster, job) in ("", "PENDING", "RUNNING", "CONFIGURING") or True
         time.sleep(0.2)
     first_ckpt = tracker.read_text().strip()
     sent = time.strftime("%H:%M:%S", time.gmtime())
