@@ -171,6 +171,8 @@ class SlurmCluster:
             "RealMemory=1000 State=UNKNOWN"
             for n in self.nodes
         )
+        # NOTE: cred_expire=10: slurmctld holds a requeued job for cred_expire + 1 s (120 s by
+        # default) before it may start again; the preemption test would spend 2 minutes waiting.
         self.conf.write_text(
             f"""# written by tests/slurm/cluster.py
 ClusterName=mmtest
@@ -179,7 +181,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=10
 SlurmctldPort=46817
 SlurmdPort=46818
 StateSaveLocation={r}/state

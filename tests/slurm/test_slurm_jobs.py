@@ -78,7 +78,7 @@ def chain(cluster, slurm_data, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = submitted_ids(proc.stdout)
     assert len(ids) == 2, proc.stdout
-    states = [wait_job(cluster, i, 240, out) for i in ids]
+    states = [wait_job(cluster, i, 420, out) for i in ids]
     return {"ids": ids, "states": states, "out": out}
 
 
@@ -122,7 +122,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, slurm_data
     first_ckpt = tracker.read_text().strip()
     sent = time.strftime("%H:%M:%S", time.gmtime())
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    state = wait_job(cluster, job, 240, out / "logs")
+    state = wait_job(cluster, job, 420, out / "logs")
     assert state == "COMPLETED", (state, _grep(out / "logs", r".*error.*"))
     restarts = int(job_field(cluster, job, "Restarts") or 0)
     assert restarts == 1, f"expected one requeue, got {restarts}"
