@@ -74,7 +74,7 @@ class SlurmOptions:
 
 
 def _directives(opts: SlurmOptions) -> list[str]:
-    out = Path(opts.output_dir)
+    out = Path(opts.output_dir).absolute()
     pairs = [
         ("job-name", opts.job_name),
         ("nodes", opts.nodes),
