@@ -211,15 +211,17 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
 
 def _mcore_to_hf(args: argparse.Namespace) -> int:
     _quiet_imports()
-    from mm_megatron.convert.mcore_to_hf import mcore_to_hf
+    if args.parts:
+        from mm_megatron.convert.export_parts import mcore_to_hf_parts as export
+    else:
+        from mm_megatron.convert.mcore_to_hf import mcore_to_hf as export
 
-    out = mcore_to_hf(
+    out = export(
         args.ckpt,
         args.out,
         dtype=args.dtype,
         force=args.force,
         iteration=_iteration(args.iteration),
-        parts=args.parts,
         progress=not args.quiet,
     )
     print(f"wrote {out}")

@@ -138,7 +138,7 @@ def _slurm(own: list[str], train_args: list[str]) -> int:
 
 
 def _check(own: list[str], train_args: list[str]) -> int:
-    from mm_megatron.launch import preflight
+    from mm_megatron.launch import env, preflight
     from mm_megatron.launch.env import LaunchError, read_rank_env
 
     a = _check_parser().parse_args(own)
@@ -152,13 +152,13 @@ def _check(own: list[str], train_args: list[str]) -> int:
         summary = preflight.check_layout(train_args, a.nodes, a.gpus_per_node)
         say(f"preflight: layout ok: {summary}")
     if a.rdzv_host:
-        addr = preflight.resolve_address(a.rdzv_host)
+        addr = env.resolve_address(a.rdzv_host)
         if a.head:
             if a.rdzv_port is None:
                 raise LaunchError("--head needs --rdzv-port")
             preflight.check_head(addr, a.rdzv_port)
         where = f"{addr}:{a.rdzv_port}" if a.rdzv_port else addr
-        say(f"preflight: node {preflight.this_node()}: rendezvous {a.rdzv_host} -> {where} ok")
+        say(f"preflight: node {env.this_node()}: rendezvous {a.rdzv_host} -> {where} ok")
         if a.print_address:
             print(addr)
     return 0

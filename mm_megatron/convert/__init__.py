@@ -6,7 +6,7 @@ Public API (imports are lazy, so importing the package is cheap):
 * :func:`mm_megatron.convert.assemble.assemble` — HF vision tower + HF causal LM + a fresh
   projector -> mm_megatron checkpoint (the start of stage-1 pretraining).
 * :func:`mm_megatron.convert.mcore_to_hf.mcore_to_hf` — mm_megatron checkpoint -> HF LLaVA dir, or
-  (``parts=True``, :mod:`.export_parts`) the HF vision model and causal LM.
+  (:func:`mm_megatron.convert.export_parts.mcore_to_hf_parts`) the HF vision model and causal LM.
 * :func:`mm_megatron.convert.verify.verify` — config / weights / logits-parity checks against an
   HF LLaVA; :func:`mm_megatron.convert.verify_parts.verify_parts` — vision features and LM logits
   against the two parts.

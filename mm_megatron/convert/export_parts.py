@@ -24,9 +24,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mm_megatron.convert.common import dtype_name
+import torch
+
+from mm_megatron.convert.common import atomic_output, check_output, dtype_name, single_rank
 from mm_megatron.convert.keys import LMPartNaming, VisionPartNaming
 from mm_megatron.convert.mcore_to_hf import (
+    DEFAULT_MAX_SHARD,
     ExportSource,
     _synthetic_tensors,
     copy_files,
@@ -42,6 +45,31 @@ LM_CLASSES = {
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json",)
 """HF files that belong to the vision part; the processor's own config belongs to neither."""
 NOT_LM_FILES = {"config.json", "processor_config.json", *IMAGE_PROCESSOR_FILES}
+
+
+def mcore_to_hf_parts(
+    ckpt_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    iteration: int | str | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Export a checkpoint as ``out_dir/vision`` (the HF vision model) and ``out_dir/lm`` (the HF
+    causal LM with the tokenizer); arguments as :func:`.mcore_to_hf.mcore_to_hf`.
+
+    Returns:
+        ``out_dir``.
+    """
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    check_output(out_dir, force, (ckpt_dir,))  # fail before any work
+    src = ExportSource.open(ckpt_dir, iteration, dtype)
+    with atomic_output(out_dir, force, inputs=(ckpt_dir,)) as tmp, single_rank():
+        export_parts(src, tmp, max_shard_size=max_shard_size, progress=progress, log=log)
+    return out_dir
 
 
 def export_parts(

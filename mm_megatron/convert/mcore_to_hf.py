@@ -199,11 +199,12 @@ def mcore_to_hf(
     force: bool = False,
     iteration: int | str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD,
-    parts: bool = False,
     progress: bool = True,
     log=print,
 ) -> Path:
-    """Export an mm_megatron checkpoint directory as an HF LLaVA directory (or as its parts).
+    """Export an mm_megatron checkpoint directory as an HF LLaVA directory.
+
+    (The vision tower and the LM as their own HF models: :func:`.export_parts.mcore_to_hf_parts`.)
 
     Args:
         ckpt_dir: checkpoint directory (``mm_megatron.json`` + tracker + dist checkpoint).
@@ -213,9 +214,6 @@ def mcore_to_hf(
         force: replace an existing ``out_dir``.
         iteration: which saved iteration; default the tracker's.
         max_shard_size: bytes per safetensors file when there is no original layout to follow.
-        parts: write ``out_dir/vision`` (the HF vision model) and ``out_dir/lm`` (the HF causal
-            LM with the tokenizer) instead of one LLaVA; see
-            :mod:`mm_megatron.convert.export_parts`.
         progress: show a tqdm bar.
         log: where to print one-line notes.
 
@@ -225,12 +223,6 @@ def mcore_to_hf(
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     check_output(out_dir, force, (ckpt_dir,))  # fail before any work
     src = ExportSource.open(ckpt_dir, iteration, dtype)
-    if parts:
-        from mm_megatron.convert.export_parts import export_parts
-
-        with atomic_output(out_dir, force, inputs=(ckpt_dir,)) as tmp, single_rank():
-            export_parts(src, tmp, max_shard_size=max_shard_size, progress=progress, log=log)
-        return out_dir
     config_json, generated = src.config_json(log)
     synthetic = _synthetic_tensors(src.cfg) if generated else {}
     with atomic_output(out_dir, force, inputs=(ckpt_dir,)) as tmp, single_rank():

@@ -11,15 +11,18 @@ What this file does:
 - `default_env()`: the launch defaults (``OMP_NUM_THREADS`` = cores / local ranks,
   ``CUDA_DEVICE_MAX_CONNECTIONS=1`` when TP or CP > 1, ``TORCH_NCCL_AVOID_RECORD_STREAMS=1``);
   a value already in the environment always wins;
-- `expand_nodelist()` (``scontrol show hostnames``) and `port_for_job()`.
+- `expand_nodelist()` (``scontrol show hostnames``), `port_for_job()`, `this_node()` and
+  `resolve_address()` (a non-loopback IPv4 address of a host, or a one-line `LaunchError`).
 
 What it does not do: start processes (`torchrun.py`) or check reachability (`preflight.py`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -125,6 +128,40 @@ def port_for_job(job_id: int | str, offset: int = 0) -> int:
     return PORT_BASE + (int(job_id) + offset) % PORT_SPAN
 
 
+def this_node() -> str:
+    """This machine's name as SLURM knows it (``SLURMD_NODENAME``), else its host name."""
+    import os
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def resolve_address(host: str) -> str:
+    """A non-loopback IPv4 address of `host`.
+
+    Raises:
+        LaunchError: `host` does not resolve, or only to loopback addresses.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+        addrs = [str(ip)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise LaunchError(
+                f"node {this_node()}: rendezvous host {host!r} does not resolve ({e.strerror})"
+            ) from None
+        addrs = list(dict.fromkeys(info[4][0] for info in infos))
+    good = [a for a in addrs if not ipaddress.ip_address(a).is_loopback]
+    if not good:
+        raise LaunchError(
+            f"node {this_node()}: rendezvous host {host!r} resolves only to loopback "
+            f"{', '.join(addrs)}; other nodes cannot reach it (fix /etc/hosts or pass "
+            "--rdzv-endpoint with a routable address)"
+        )
+    return good[0]
+
+
 def export_rank_env(env: MutableMapping[str, str] | None = None) -> RankEnv:
     """Export torch's ``env://`` variables when srun started one task per rank; returns the env.
 
@@ -135,8 +172,6 @@ def export_rank_env(env: MutableMapping[str, str] | None = None) -> RankEnv:
     if info.source != "slurm":
         return info
     if "MASTER_ADDR" not in env:
-        from mm_megatron.launch.preflight import resolve_address
-
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
         env["MASTER_ADDR"] = resolve_address(expand_nodelist(nodelist)[0])
     env.setdefault("MASTER_PORT", str(port_for_job(env.get("SLURM_JOB_ID", "0"))))

@@ -2,9 +2,9 @@
 
 What this file does (each failure is a `LaunchError` whose one-line message names the node or
 rank):
-- `resolve_address(host)`: the IPv4 address other nodes use to reach `host`; never a loopback
-  one (the ``127.0.1.1 myhost`` line of many /etc/hosts is how other launchers end up making
-  every node rendezvous with itself);
+- the rendezvous address comes from `env.resolve_address(host)`: the IPv4 address other nodes
+  use to reach `host`, never a loopback one (the ``127.0.1.1 myhost`` line of many /etc/hosts is
+  how other launchers end up making every node rendezvous with itself);
 - `check_head(host, port)`: on the head node: `host` is one of this machine's addresses and
   `port` is free;
 - `check_layout(train_args, nodes, gpus_per_node)`: the layout fits the world size and the
@@ -19,48 +19,13 @@ What it does not do: start ranks (srun or torchrun does) or submit jobs (`sbatch
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
 from datetime import timedelta
 
-from mm_megatron.launch.env import LaunchError
+from mm_megatron.launch.env import LaunchError, this_node
 
 _KEY = "mm_megatron/preflight/rank{rank}"
-
-
-def this_node() -> str:
-    """This machine's name as SLURM knows it (``SLURMD_NODENAME``), else its host name."""
-    import os
-
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def resolve_address(host: str) -> str:
-    """A non-loopback IPv4 address of `host`.
-
-    Raises:
-        LaunchError: `host` does not resolve, or only to loopback addresses.
-    """
-    try:
-        ip = ipaddress.ip_address(host)
-        addrs = [str(ip)]
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            raise LaunchError(
-                f"node {this_node()}: rendezvous host {host!r} does not resolve ({e.strerror})"
-            ) from None
-        addrs = list(dict.fromkeys(info[4][0] for info in infos))
-    good = [a for a in addrs if not ipaddress.ip_address(a).is_loopback]
-    if not good:
-        raise LaunchError(
-            f"node {this_node()}: rendezvous host {host!r} resolves only to loopback "
-            f"{', '.join(addrs)}; other nodes cannot reach it (fix /etc/hosts or pass "
-            "--rdzv-endpoint with a routable address)"
-        )
-    return good[0]
 
 
 def local_addresses() -> set[str]:
@@ -99,8 +64,8 @@ def check_layout(train_args: list[str], nodes: int, gpus_per_node: int) -> str:
     Returns:
         A one-line summary (``world 32 = TP 2 x PP 2 x CP 1 x DP 8``).
     """
-    from mm_megatron.commands.train_cmd import resolve_job
     from mm_megatron.parallel.layout import validate_layout
+    from mm_megatron.train.arguments import resolve_job
 
     job, _ = resolve_job(list(train_args))
     world = nodes * max(1, gpus_per_node)

@@ -91,7 +91,7 @@ def torchrun_argv(opts: TorchrunOptions) -> list[str]:
 def _parallel_sizes(train_args: list[str]) -> tuple[int, int]:
     """(TP, CP) the train arguments ask for; (1, 1) when they cannot be read yet."""
     try:
-        from mm_megatron.commands.train_cmd import resolve_job
+        from mm_megatron.train.arguments import resolve_job
 
         job, _ = resolve_job(list(train_args))
         return job.parallel.tp, job.parallel.cp

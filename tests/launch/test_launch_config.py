@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from mm_megatron.cli import main
-from mm_megatron.launch import preflight, sbatch
+from mm_megatron.launch import env, preflight, sbatch
 from mm_megatron.launch.env import (
     LaunchError,
     default_env,
@@ -145,10 +145,10 @@ def test_stages_chain_save_and_load(tmp_path):
 
 def test_preflight_refuses_loopback_foreign_address_busy_port_and_bad_layout():
     with pytest.raises(LaunchError, match="resolves only to loopback 127.0.0.1"):
-        preflight.resolve_address("localhost")
+        env.resolve_address("localhost")
     with pytest.raises(LaunchError, match="'no-such-host.invalid' does not resolve"):
-        preflight.resolve_address("no-such-host.invalid")
-    assert preflight.resolve_address("10.1.2.3") == "10.1.2.3"
+        env.resolve_address("no-such-host.invalid")
+    assert env.resolve_address("10.1.2.3") == "10.1.2.3"
     with pytest.raises(LaunchError, match="not an address of this \\(head\\) node"):
         preflight.check_head("192.0.2.77", 29500)
     with socket.socket() as s:

@@ -33,6 +33,7 @@ PAIRS = {
 def pairs(tmp_path_factory):
     """{pair: (vision dir, lm dir, checkpoint, llava export, parts export)}."""
     from mm_megatron.convert.assemble import assemble
+    from mm_megatron.convert.export_parts import mcore_to_hf_parts
     from mm_megatron.convert.mcore_to_hf import mcore_to_hf
 
     base = tmp_path_factory.mktemp("assemble")
@@ -46,7 +47,7 @@ def pairs(tmp_path_factory):
             d / "vision", d / "lm", d / "ckpt", progress=False, make_vocab_size_divisible_by=8
         )
         llava = mcore_to_hf(ckpt, d / "llava", progress=False)
-        parts = mcore_to_hf(ckpt, d / "parts", parts=True, progress=False)
+        parts = mcore_to_hf_parts(ckpt, d / "parts", progress=False)
         out[name] = (d / "vision", d / "lm", ckpt, llava, parts)
     return out
 
@@ -280,13 +281,13 @@ def test_converted_llava_exports_as_parts(tmp_path):
     """``--parts`` also splits a checkpoint converted from a whole HF LLaVA."""
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
+    from mm_megatron.convert.export_parts import mcore_to_hf_parts
     from mm_megatron.convert.hf_to_mcore import hf_to_mcore
-    from mm_megatron.convert.mcore_to_hf import mcore_to_hf
     from mm_megatron.convert.tiny_models import save_tiny_hf
 
     llava = save_tiny_hf(tmp_path / "hf", "llama")
     mc = hf_to_mcore(tmp_path / "hf", tmp_path / "mc", progress=False)
-    parts = mcore_to_hf(mc, tmp_path / "parts", parts=True, progress=False)
+    parts = mcore_to_hf_parts(mc, tmp_path / "parts", progress=False)
     vision = CLIPVisionModel.from_pretrained(parts / "vision")
     lm = LlamaForCausalLM.from_pretrained(parts / "lm")
     ref = llava.model.vision_tower.state_dict()

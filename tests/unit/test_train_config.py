@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mm_megatron.commands.train_cmd import parse_train_args, resolve_job
+from mm_megatron.train.arguments import parse_train_args, resolve_job
 from mm_megatron.train.config import JobConfig, TrainConfig, load_job_config, parse_dotted
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
@@ -201,10 +201,10 @@ MEGATRON_FLAGS = {
 
 
 def test_flags_come_from_field_metadata_and_help_from_docstrings():
-    from mm_megatron.commands.train_cmd import build_train_parser, megatron_flags
     from mm_megatron.config import ParallelConfig
     from mm_megatron.config.fields import field_docs
     from mm_megatron.data.config import DataConfig
+    from mm_megatron.train.arguments import build_train_parser, megatron_flags
 
     sections = {"parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig}
     flags = {f.flag: f for f in megatron_flags()}
