@@ -31,6 +31,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",  # the bench sweep's plot
+        "megatron-energon>=7.4,<8",  # second data backend (energon-prepared datasets)
     ],
     extras_require={
         # GPU only. Builds against the local CUDA toolkit.

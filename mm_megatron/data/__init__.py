@@ -10,6 +10,8 @@ Modules, by role:
 - `samples.py`: one raw sample -> `Example` or a counted bad sample.
 - `reader.py`: per-rank sample order (DP/worker sharding, resumable positions).
 - `packing.py`, `collate.py`, `loader.py`: batching, packing and `build_dataloader`.
+- `energon.py`, `energon_encoder.py`: the megatron-energon backend (energon-prepared datasets and
+  metadataset blends through energon's own loader, same batches); `build_dataloader` picks it.
 
 This package never imports torch.distributed; ranks are passed in.
 """

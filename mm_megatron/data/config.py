@@ -27,7 +27,8 @@ class DataConfig:
     train_shards: str | None = field(default=None, metadata={"flag": "--data-path"})
     """Training shards: an index file (`d/train.index.json`), a directory holding
     `train.index.json`, a glob (`d/train-*.tar`), a brace range (`d/train-{000000..000009}.tar`)
-    or a comma-separated list of those."""
+    or a comma-separated list of those; or a megatron-energon dataset directory (with `.nv-meta/`)
+    or energon metadataset YAML (weighted blends), read through energon's loader."""
 
     val_shards: str | None = None
     """Validation shards, same forms as `train_shards` (a directory means `val.index.json`)."""

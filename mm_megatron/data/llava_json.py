@@ -15,7 +15,9 @@ their ids (on stdout and in `<prefix>.bad_records.json`):
 Image bytes are copied unchanged when pillow recognises them as JPEG, PNG or WebP; other formats
 are re-encoded as PNG. A tqdm bar shows progress; `num_workers` > 0 checks and reads records in a
 process pool (output order stays the input order). `mm-megatron data convert` and
-`tools/llava_to_wds.py` call `main(argv)`.
+`tools/llava_to_wds.py` call `main(argv)`, which also indexes the output directory for
+megatron-energon (`energon.write_energon_metadata`; `--no-energon` skips it), so the same shards
+load through energon's loader too.
 
 What it does not do: download images, resize them, or split train/val (convert each split's JSON).
 """
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="processes reading images")
     parser.add_argument("--limit", type=int, default=None, help="convert the first N records")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-energon", action="store_true", help="skip the megatron-energon index (.nv-meta/)"
+    )
     args = parser.parse_args(argv)
     report = convert_llava_json(
         args.json,
@@ -276,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         show_progress=not args.quiet,
     )
     print(report.summary())
+    if report.num_written and not args.no_energon:
+        from mm_megatron.data.energon import write_energon_metadata
+
+        splits = write_energon_metadata(args.out)
+        print(f"energon: {args.out}/.nv-meta indexed (splits: {', '.join(splits)})")
     if report.num_bad:
         print(f"full list: {os.path.join(args.out, args.prefix + '.bad_records.json')}")
     return 0 if report.num_written else 1

@@ -179,6 +179,10 @@ class MultimodalDataLoader:
                 yield from chunk
                 expected += len(chunk)
 
+    def _stream_end(self) -> int | None:
+        """One past the last stream position, or None for an endless stream."""
+        return self.dataset.order.end
+
     def _count(self, item: Example | BadSample) -> None:
         counters = self.counters
         counters.samples_read += 1
@@ -245,7 +249,7 @@ class MultimodalDataLoader:
                 batcher.try_add(item.expanded_len)
             self._count(item)
             examples.append(item)
-        end = self.dataset.order.end
+        end = self._stream_end()
         if end is not None:
             self._position = end
         if examples and not self.drop_last:
@@ -283,10 +287,30 @@ def build_dataloader(
         start_sample: Stream position to resume at (`state_dict()["sample_position"]`).
         split: `train` (endless, shuffled if configured) or `val` (one pass, file order).
         num_epochs: Override the stream length in epochs (None: endless for train, 1 for val).
+
+    An energon dataset or metadataset as the split's shards selects the energon backend
+    (`energon.py`; its train split is endless, its val split one pass unless `num_epochs` > 1
+    asks for an endless one).
     """
     data_config.validate()
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose train or val")
+    from mm_megatron.data import energon
+
+    if energon.is_energon_dataset(getattr(data_config, f"{split}_shards")):
+        if start_sample:
+            raise ValueError("an energon dataset resumes from its state_dict(), not start_sample")
+        return energon.build_energon_loader(
+            data_config,
+            tokenizer,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            micro_batch_size=micro_batch_size,
+            image_tokens=image_tokens,
+            seed=seed,
+            split=split,
+            repeat_val=num_epochs is not None and num_epochs > 1,
+        )
     if not isinstance(tokenizer, TokenizerInfo):
         source = data_config.tokenizer_path if tokenizer is None else tokenizer
         if source is None:
