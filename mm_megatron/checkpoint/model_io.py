@@ -33,7 +33,9 @@ iterations beyond the newest ``keep_last``. A kill at any moment leaves the trac
 complete checkpoint; :func:`clean_stale` removes what a killed save left behind. With
 ``async_save`` the write runs in megatron's background process and publishing is the request's
 finalize step. :func:`latest_iteration` follows the tracker, falling back to the newest complete
-``iter_*`` directory.
+``iter_*`` directory. Before publishing, ``integrity.json`` records every file's size and SHA-256
+(`mm_megatron.checkpoint.integrity`, checked at resume); a failed synchronous write removes the
+temporary directory and raises one line (``no space left on device ... DIR`` for a full disk).
 
 Vocab padding: embeddings and output layer are stored at whatever padded size the saver had
 (``LanguageConfig.padded_vocab_size(tp)``, converters use TP1). megatron marks them
@@ -75,6 +77,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from mm_megatron.checkpoint import integrity
 from mm_megatron.checkpoint.errors import ConversionError, MissingFileError
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.runtime.distributed import barrier, rank
@@ -346,8 +349,16 @@ def save_checkpoint(
         keep_last=keep_last,
     )
     if not async_save:
-        dist_checkpointing.save(state, str(tmp))
-        publish()
+        try:
+            dist_checkpointing.save(state, str(tmp))
+            publish()
+        except BaseException as e:  # NOTE: torch's CheckpointException is no Exception
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            if rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = latest_iteration(ckpt_dir)
+            raise integrity.explain_save_failure(e, tmp, iteration, latest) from e
         return final
     request = dist_checkpointing.save(
         state, str(tmp), async_sharded_save=True, async_strategy="mcore"
@@ -375,6 +386,7 @@ def publish_checkpoint(
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
         write_run_config(tmp, cfg, _source(ckpt_dir, provenance_from))
+        integrity.write_record(tmp)  # sizes + checksums, checked at resume
         if final.exists():  # re-saving an iteration (e.g. after a resume)
             old = final.with_name(f".old_{final.name}")
             shutil.rmtree(old, ignore_errors=True)

@@ -48,6 +48,10 @@ def _run(args: argparse.Namespace) -> int:
     import os
 
     job, targs = resolve_job(list(args.rest))
+    if not targs.print_config:
+        from mm_megatron.train.preflight import check_job
+
+        check_job(job)  # every start-up problem, in one line, before megatron is imported
     if targs.print_config:
         import yaml
 
@@ -57,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     from mm_megatron.runtime import startup_warnings
 
     startup_warnings.announce()  # one line instead of the fallback warnings
+    from mm_megatron.checkpoint.integrity import CheckpointDamagedError, CheckpointSaveError
     from mm_megatron.launch.env import export_rank_env
     from mm_megatron.train.trainer import DataError, NonFiniteLossError, PeerFailure, train
 
@@ -64,7 +69,13 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         result = train(job)
-    except (NonFiniteLossError, DataError, PeerFailure) as e:
+    except (
+        NonFiniteLossError,
+        DataError,
+        PeerFailure,
+        CheckpointSaveError,
+        CheckpointDamagedError,
+    ) as e:
         if os.environ.get("MM_MEGATRON_DEBUG") == "1":
             raise
         print(f"mm-megatron train: error: {e}", file=sys.stderr)

@@ -28,33 +28,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from mm_megatron.config.parallel_config import ParallelConfig
+
+# the size checks live with the other layout checks (no megatron import there); re-exported
+from mm_megatron.parallel.layout import (  # noqa: F401
+    LayoutError,
+    check_parallel_sizes,
+    check_world_size,
+)
 from mm_megatron.runtime import cpu_runtime
-
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot work; the message is one line, naming the culprit."""
-
-
-def check_parallel_sizes(par: ParallelConfig) -> None:
-    """LayoutError unless TP, PP, CP >= 1 and sequence parallelism has TP > 1."""
-    for name in ("tp", "pp", "cp"):
-        if getattr(par, name) < 1:
-            raise LayoutError(f"{name}={getattr(par, name)} must be >= 1")
-    if par.sequence_parallel and par.tp == 1:
-        raise LayoutError("--sequence-parallel needs TP > 1")
-
-
-def check_world_size(par: ParallelConfig, world_size: int) -> int:
-    """DP size for ``world_size``; LayoutError if the sizes are invalid or TP*PP*CP does not
-    divide it."""
-    check_parallel_sizes(par)
-    mp = par.model_parallel_size
-    if world_size % mp:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by TP*PP*CP = {par.tp}*{par.pp}*{par.cp} "
-            f"= {mp}"
-        )
-    return world_size // mp
 
 
 def default_backend() -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 TRANSFORMER_IMPLS = {"transformer_engine": "te", "local": "local"}
 """Megatron-LM's ``--transformer-impl`` values -> our spec name (for every component)."""
 
@@ -131,5 +133,11 @@ def resolve_job(argv: list[str]):
         from mm_megatron.checkpoint.model_io import read_run_config
 
         base_model = read_run_config(load).model
-    job = load_job_config(args.preset, args.config, tree, base_model=base_model)
+    try:
+        job = load_job_config(args.preset, args.config, tree, base_model=base_model)
+    except yaml.YAMLError as e:
+        from mm_megatron.train.preflight import yaml_error_line
+
+        where = args.config or "a --section.key=value override"
+        raise ValueError(yaml_error_line(where, e)) from None
     return job, args

@@ -39,7 +39,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
-from mm_megatron.checkpoint import model_io
+from mm_megatron.checkpoint import integrity, model_io
 from mm_megatron.checkpoint.model_io import (  # noqa: F401  (the trainer's entry points)
     check_model_matches,
     clean_stale,
@@ -47,6 +47,7 @@ from mm_megatron.checkpoint.model_io import (  # noqa: F401  (the trainer's entr
     latest_iteration,
 )
 from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.train import resume_changes
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,15 @@ class Checkpointer:
         self.last_saved: int | None = None
         """Iteration of the newest checkpoint started by this process."""
 
-    def save(self, iteration: int, chunks: list, optimizer, data_state: dict, train_state: dict):
+    def save(
+        self, iteration: int, chunks: list, optimizer, data_state: dict, train_state: dict
+    ) -> bool:
         """Write checkpoint `iteration` (model, optimizer, RNG, data position, train state).
+
+        Refuses (returns False, with a warning) when a weight or optimizer tensor is not finite
+        on any rank. A failed write removes its temporary directory and raises
+        `integrity.CheckpointSaveError` ("no space left on device ..." for a full disk); either
+        way the previous checkpoint stays the latest.
 
         Args:
             iteration: Steps done.
@@ -189,6 +197,17 @@ class Checkpointer:
             train_state: Common state, identical on every rank (JSON-serialisable).
         """
         self.finalize(blocking=True)  # one save in flight at a time
+        bad = integrity.non_finite_anywhere(chunks, optimizer)
+        if bad is not None:  # never make a diverged state the one a resume picks up
+            log.warning(
+                "not saving checkpoint iteration %d to %s: %s is not finite; the latest "
+                "checkpoint stays %s",
+                iteration,
+                self.save_dir,
+                bad,
+                latest_iteration(self.save_dir),
+            )
+            return False
         extra = {
             "optimizer": _optimizer_sharded(optimizer, chunks, is_loading=False),
             "rng_state": _rng_sharded(_rng_state()),
@@ -213,6 +232,7 @@ class Checkpointer:
                 self._queue = AsyncCallsQueue()
             self._queue.schedule_async_request(out)
         self.last_saved = iteration
+        return True
 
     def finalize(self, blocking: bool = False) -> None:
         """Finish async saves that are done (all of them when `blocking`); collective."""
@@ -273,8 +293,18 @@ def load_training_state(
     else:
         log.warning("layout changed from %s to %s: RNG states are not restored", saved, now)
     loaded = model_io.load_checkpoint(_models(chunks), ckpt_dir, iteration=iteration, extra=extra)
+    changes = resume_changes.adopt_param_groups(optimizer, loaded["optimizer"])
     optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(train_state["scheduler"])
+    changes += resume_changes.load_scheduler(scheduler, train_state["scheduler"])
+    changes = list(dict.fromkeys(changes))
+    if changes:
+        log.warning(
+            "resuming %s iteration %s with changed settings: %s",
+            ckpt_dir,
+            iteration,
+            ", ".join(changes),
+        )
+    train_state["changed_on_resume"] = changes
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return train_state, loaded["data_state"]

@@ -94,6 +94,10 @@ def resolve_data(job: JobConfig) -> ResolvedData:
     """The job's data, generating the synthetic dataset when none is configured; collective."""
     data = job.data
     if data.train_shards:
+        beside = Path(data.train_shards)
+        beside = beside if beside.is_dir() else beside.parent
+        if data.tokenizer_path is None and (beside / "tokenizer").is_dir():
+            data = replace(data, tokenizer_path=str(beside / "tokenizer"))  # carried by the data
         # a dataset written by `mm-megatron data synth` keeps its label vocabularies beside the
         # index; with them the caption accuracy can be measured on it too
         info = Path(data.train_shards).parent / "dataset_info.json"

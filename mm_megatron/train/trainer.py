@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mm_megatron.checkpoint import integrity
 from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
@@ -47,6 +48,7 @@ from mm_megatron.parallel.layout import validate_layout
 from mm_megatron.parallel.schedule import forward_backward
 from mm_megatron.runtime import children, cpu_runtime, distributed
 from mm_megatron.train import checkpointing as ckpt
+from mm_megatron.train import preflight
 from mm_megatron.train.components import (
     build_model,
     build_optimizer,
@@ -124,6 +126,7 @@ class Trainer:
         self._bad_logged = 0.0
         self.checkpointer: ckpt.Checkpointer | None = None
         self._resumed_dir: str | None = None
+        self._resume_changes: list[str] = []
         self.writer: MetricsWriter | None = None
         self.result = TrainResult(iteration=0)
 
@@ -148,6 +151,8 @@ class Trainer:
         """Everything before the first step; collective."""
         job, t = self.job, self.job.train
         self._set_threads()
+        # every start-up problem at once, before torch.distributed and megatron start
+        preflight.check_job(job, dist.get_world_size() if dist.is_initialized() else None)
         distributed.initialize(job.parallel, seed=t.seed, timeout_s=t.dist_timeout_s)
         world = dist.get_world_size()
         self.rank = dist.get_rank()
@@ -175,6 +180,8 @@ class Trainer:
         self.chunks = build_model(job, self.dtype)
         self.optimizer = build_optimizer(job, self.chunks, self.dtype)
         self.scheduler = build_scheduler(job, self.optimizer)
+        if t.save:
+            self._check_checkpoint_space()
         data_state = self._restore()
 
         loader = build_loader(
@@ -208,12 +215,25 @@ class Trainer:
         self._install_signals()
         self._print_header()
 
+    def _check_checkpoint_space(self) -> None:
+        """One checkpoint must fit in `--save` before the first step; collective."""
+        main_params = self.dtype != torch.float32
+        param_bytes = torch.finfo(self.dtype).bits // 8
+        local = preflight.checkpoint_bytes(self.chunks, param_bytes, main_params)
+        total = self._agree([float(local)])[0]
+        replicas = self.dp * parallel_state.get_context_parallel_world_size()
+        preflight.check_checkpoint_space(self.job.train.save, int(total / replicas))
+
     def _restore(self) -> dict | None:
         """Resume from `train.save`, or load `train.load`'s weights; returns the data state."""
         t = self.job.train
         latest = ckpt.latest_iteration(t.save) if t.save else None
         if t.save:
             ckpt.clean_stale(t.save)
+            # a damaged newest checkpoint is reported by file and the newest intact one used
+            latest = integrity.resume_iteration(
+                t.save, latest, ckpt.complete_iterations(Path(t.save))
+            )
         if isinstance(latest, int):
             ckpt.check_model_matches(t.save, self.job.model)
             state, data_state = ckpt.load_training_state(
@@ -225,6 +245,7 @@ class Trainer:
             self.nan_iters = int(state["nan_iters"])
             self.result.resumed_from = latest
             self._resumed_dir = t.save
+            self._resume_changes = state.get("changed_on_resume", [])
             return data_state
         source = t.save if latest == "release" else t.load
         if source:
@@ -257,6 +278,8 @@ class Trainer:
                 f"{what} {self._resumed_dir} iteration {self.result.resumed_from} "
                 f"(step {self.iteration})"
             )
+        if self._resume_changes:
+            w.print(f"changed since the checkpoint: {', '.join(self._resume_changes)}")
 
     # --- steps ----------------------------------------------------------------------------------
     def _agree(self, values: list[float]) -> list[float]:
@@ -440,13 +463,19 @@ class Trainer:
             "layout": layout,
             "job": self.job.to_dict(),
         }
-        self.checkpointer.save(
+        saved = self.checkpointer.save(
             self.iteration,
             self.chunks,
             self.optimizer,
             self.train_batches.loader.state_dict(),
             train_state,
         )
+        if not saved:
+            self.writer.print(
+                f"[checkpoint] NOT saved iteration {self.iteration}: the weights or optimizer "
+                "state are not finite; the previous checkpoint stays the latest"
+            )
+            return
         self.writer.print(
             f"[checkpoint] saved iteration {self.iteration} to {self.job.train.save}"
             + (" (async)" if self.job.train.async_save else "")
