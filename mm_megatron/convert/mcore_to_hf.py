@@ -237,6 +237,9 @@ def mcore_to_hf(
         )
         copy_files(src.hf_files, tmp, lambda name: name != "config.json")
         (tmp / "config.json").write_text(config_json)
+        from mm_megatron.convert.processor_files import complete_export
+
+        complete_export(tmp, ckpt_dir, src.cfg, log)  # tokenizer + processor for any run
     return out_dir
 
 
