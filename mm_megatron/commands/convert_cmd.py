@@ -93,7 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the logits check")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for the logits check")
     c.add_argument(
-        "--atol", type=float, default=1e-3, help="max |logit difference| allowed (default 1e-3)"
+        "--atol", type=float, default=None, help="max |logit difference| allowed (absolute)"
+    )
+    c.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-5,
+        help="max |logit difference| as a fraction of the largest |logit| (default 1e-5)",
     )
     c.add_argument(
         "--no-logits",
@@ -236,7 +242,13 @@ def _verify(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
     checks = verify(
-        args.hf, args.ckpt, tp=args.tp, pp=args.pp, atol=args.atol, logits=not args.no_logits
+        args.hf,
+        args.ckpt,
+        tp=args.tp,
+        pp=args.pp,
+        atol=args.atol,
+        rtol=args.rtol,
+        logits=not args.no_logits,
     )
     print(format_table(checks))
     return 0 if all(c.ok for c in checks) else 1
