@@ -16,6 +16,9 @@ from mm_megatron.config.fields import from_dict
 
 SPECS = ("local", "te")
 
+PROJECTOR_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu")
+"""Activations an MLP projector may use, by their HF ``projector_hidden_act`` names."""
+
 
 @dataclass
 class VisionConfig:
@@ -120,10 +123,17 @@ class ProjectorConfig:
     """Linear layers carry a bias."""
     spec: str = "local"
     """``local`` or ``te`` linear layers."""
+    activation: str = "gelu"
+    """Activation between the MLP's two layers, an HF ``projector_hidden_act`` name (one of
+    ``PROJECTOR_ACTIVATIONS``; ``gelu`` is LLaVA-1.5's)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
         _check_spec("projector.spec", self.spec)
+        if self.activation not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(
+                f"projector.activation={self.activation!r}; choose one of {PROJECTOR_ACTIVATIONS}"
+            )
 
 
 @dataclass

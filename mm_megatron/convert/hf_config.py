@@ -1,10 +1,11 @@
 """HF ``LlavaConfig`` <-> our :class:`~mm_megatron.config.model_config.LlavaConfig`, in one place.
 
-Supported: ``LlavaForConditionalGeneration`` with a CLIP or SigLIP vision tower, an ``mlp2x_gelu``
-projector (``projector_hidden_act="gelu"``) and a Llama / Vicuna / Mistral / Qwen2 language model
+Supported: ``LlavaForConditionalGeneration`` with a CLIP or SigLIP vision tower, a two-layer MLP
+projector (``projector_hidden_act`` one of ``PROJECTOR_ACTIVATIONS``: gelu, its tanh forms,
+quick_gelu, silu, relu) and a Llama / Vicuna / Mistral / Qwen2 language model
 (GQA, Qwen2's qkv bias, RoPE theta, ``linear`` and megatron-compatible ``llama3`` RoPE scaling,
 tied or untied embeddings). Everything else raises :class:`UnsupportedModelError` naming the field,
-e.g. ``yarn`` RoPE scaling, a list ``vision_feature_layer``, a non-gelu projector, Llama's
+e.g. ``yarn`` RoPE scaling, a list ``vision_feature_layer``, another projector activation, Llama's
 ``attention_bias`` (bias on o_proj too) or ``mlp_bias``.
 
 Semantics that matter for exactness (read from transformers 5.23):
@@ -28,6 +29,7 @@ from typing import Any
 
 from mm_megatron.checkpoint.errors import MissingFileError, UnsupportedModelError
 from mm_megatron.config.model_config import (
+    PROJECTOR_ACTIVATIONS,
     LanguageConfig,
     LlavaConfig,
     ProjectorConfig,
@@ -238,10 +240,10 @@ def llava_config_from_hf(
     Returns:
         (config, notes): notes are one-line warnings about approximations (e.g. sliding window).
     """
-    if hf_cfg.projector_hidden_act != "gelu":
+    act = hf_cfg.projector_hidden_act
+    if act not in PROJECTOR_ACTIVATIONS:
         raise UnsupportedModelError(
-            f"config.json projector_hidden_act={hf_cfg.projector_hidden_act!r}: only 'gelu' "
-            "(mlp2x_gelu) projectors are supported"
+            f"config.json projector_hidden_act={act!r}: supported are {PROJECTOR_ACTIVATIONS}"
         )
     lm, notes = text_config_to_ours(hf_cfg.text_config, make_vocab_size_divisible_by)
     lm.tie_embeddings = bool(getattr(hf_cfg, "tie_word_embeddings", False))
@@ -251,7 +253,9 @@ def llava_config_from_hf(
     cfg = LlavaConfig(
         vision=vision,
         projector=ProjectorConfig(
-            type="mlp2x_gelu", bias=bool(getattr(hf_cfg, "multimodal_projector_bias", True))
+            type="mlp2x_gelu",
+            bias=bool(getattr(hf_cfg, "multimodal_projector_bias", True)),
+            activation=act,
         ),
         lm=lm,
         image_token_id=int(hf_cfg.image_token_index),
@@ -305,7 +309,7 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
         text_config=text_hf_config(cfg),
         image_token_index=cfg.image_token_id,
         image_seq_length=image_token_count(cfg),
-        projector_hidden_act="gelu",
+        projector_hidden_act=cfg.projector.activation,
         vision_feature_select_strategy=strategy,
         vision_feature_layer=-1,
         multimodal_projector_bias=cfg.projector.bias,

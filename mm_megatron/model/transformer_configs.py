@@ -24,6 +24,16 @@ from mm_megatron.runtime import cpu_runtime
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
+PROJECTOR_ACTIVATION_FUNCS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+"""`ProjectorConfig.activation` name -> function (the HF ``ACT2FN`` entries of those names)."""
+
 
 def _common(par: ParallelConfig, dtype: torch.dtype, init_std: float) -> dict[str, Any]:
     return dict(
@@ -161,7 +171,7 @@ def projector_transformer_config(
         ffn_hidden_size=cfg.projector.hidden_size or cfg.lm.hidden_size,
         num_attention_heads=par.tp,  # unused by the MLP; megatron requires TP to divide it
         gated_linear_unit=False,
-        activation_func=F.gelu,
+        activation_func=PROJECTOR_ACTIVATION_FUNCS[cfg.projector.activation],
         add_bias_linear=cfg.projector.bias,
     )
 

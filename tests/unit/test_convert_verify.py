@@ -86,3 +86,18 @@ def test_tolerance_is_relative_to_the_logits_scale():
     noisy = ref.clone()
     noisy[1, 4] += 1e6  # a padding position of sample 1: ignored
     assert compare_logits(noisy, ref, lengths, rtol=1e-5)[0]
+
+
+def test_projector_activation_other_than_gelu_converts_exactly(tmp_path, capsys):
+    """Before: "projector_hidden_act='silu': only 'gelu' (mlp2x_gelu) projectors are supported"."""
+    hf = tmp_path / "hf"
+    save_tiny_hf(hf, "llama")
+    config = json.loads((hf / "config.json").read_text())
+    config["projector_hidden_act"] = "silu"
+    (hf / "config.json").write_text(json.dumps(config, indent=2))
+    mc, back = tmp_path / "mc", tmp_path / "back"
+    assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(mc), "--quiet"]) == 0
+    checks = verify(hf, mc)  # the logits only agree when our projector applies silu too
+    assert all(c.ok for c in checks), [(c.name, c.detail) for c in checks]
+    assert main(["convert", "mcore-to-hf", "--ckpt", str(mc), "--out", str(back), "--quiet"]) == 0
+    assert json.loads((back / "config.json").read_text())["projector_hidden_act"] == "silu"
