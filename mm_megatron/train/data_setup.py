@@ -100,7 +100,7 @@ def resolve_data(job: JobConfig) -> ResolvedData:
             data = replace(data, tokenizer_path=str(beside / "tokenizer"))  # carried by the data
         # a dataset written by `mm-megatron data synth` keeps its label vocabularies beside the
         # index; with them the caption accuracy can be measured on it too
-        info = Path(data.train_shards).parent / "dataset_info.json"
+        info = beside / "dataset_info.json"
         labels = {}
         if info.is_file():
             with contextlib.suppress(ValueError, OSError):
