@@ -72,9 +72,12 @@ def expand_to_square(img: Image.Image, background: tuple[int, int, int]) -> Imag
 
 
 def _resize_short_side_and_crop(img: Image.Image, size: int) -> Image.Image:
+    # The long side is truncated, as transformers' get_resize_output_image_size, torchvision's
+    # resize and OpenAI CLIP compute it: int(size * long / short), never rounded.
     width, height = img.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    short, long = min(width, height), max(width, height)
+    new_long = max(size, int(size * long / short))
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size))

@@ -3,15 +3,20 @@
 What this file does: implements the four templates in code (never through the tokenizer's own
 jinja `chat_template`) and tokenizes a conversation segment by segment, so the loss mask is exact:
 
-- `plain` (LLaVA stage 1): `[bos] <image>... caption </s>`; the human text is dropped except for
-  its placeholders; loss on the caption and eos. Records with several assistant turns have their
-  answers joined with a newline.
-- `vicuna_v1` (LLaVA-1.5, `conv_vicuna_v1`): `[bos]SYSTEM USER: q ASSISTANT: a</s>USER: ...`;
-  loss on ` a</s>`.
+- `plain` (LLaVA stage 1, `preprocess_plain`): `[bos] <image>... caption\\n`, no eos; the human
+  text is dropped except for its placeholders; loss on `caption\\n`. Records with several
+  assistant turns have their answers joined with a newline.
+- `vicuna_v1` (LLaVA-1.5 `--version v1`, `conv_vicuna_v1`, "curious user" system prompt):
+  `[bos]SYSTEM USER: q ASSISTANT: a</s>USER: ...`; loss on ` a</s>`.
 - `llama3`: `<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nq<|eot_id|>
-  <|start_header_id|>assistant<|end_header_id|>\\n\\na<|eot_id|>`; loss on `a<|eot_id|>`.
+  <|start_header_id|>assistant<|end_header_id|>\\n\\na<|eot_id|>`; loss on `a<|eot_id|>`; every
+  message is stripped of surrounding whitespace, as the official template's `| trim` does.
 - `chatml`: `<|im_start|>user\\nq<|im_end|>\\n<|im_start|>assistant\\na<|im_end|>\\n`; loss on
-  `a<|im_end|>` (the trailing newline is masked).
+  `a<|im_end|>` (the trailing newline is masked; Megatron-LM's convention, see the README).
+
+In the chat templates a user turn with exactly one `<image>` has it moved to the front as
+`<image>\\n` + the stripped rest (LLaVA's `preprocess_multimodal`); turns with several
+placeholders keep them where the dataset put them (interleaved order carries meaning).
 
 Marker strings such as `<|eot_id|>` are tokenized as ordinary text; a tokenizer that has them as
 special tokens turns each into its one id, one that lacks them spells them out in pieces. Every
@@ -39,10 +44,10 @@ EOS = object()
 """Stands for the tokenizer's eos id in a template."""
 
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-"""LLaVA-1.5's system prompt (llava/conversation.py, conv_vicuna_v1)."""
+"""LLaVA-1.5's system prompt (llava/conversation.py, conv_vicuna_v1, selected by --version v1)."""
 
 
 class TemplateError(ValueError):
@@ -91,6 +96,9 @@ class ChatTemplate:
     assistant_suffix: str
     """Masked text after the end marker."""
 
+    trim: bool = False
+    """Strip whitespace around every message (llama3's `| trim`)."""
+
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "vicuna_v1": ChatTemplate(
@@ -118,6 +126,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         answer_prefix="",
         assistant_end="<|eot_id|>",
         assistant_suffix="",
+        trim=True,
     ),
     "chatml": ChatTemplate(
         name="chatml",
@@ -187,15 +196,25 @@ def _user_pieces(text: str, image_token: str, image_token_id: int) -> list[Any]:
     return pieces
 
 
+def image_to_front(text: str, image_token: str) -> str:
+    """LLaVA's `preprocess_multimodal`: one placeholder moves to the front as `<image>\\n`.
+
+    Text with no placeholder or several is returned unchanged.
+    """
+    if text.count(image_token) != 1:
+        return text
+    return (image_token + "\n" + text.replace(image_token, "").strip()).strip()
+
+
 def _plain_segments(turns: list[tuple[str, str]], info: Any) -> list[tuple[Any, bool]]:
+    # LLaVA's preprocess_plain: "<image>" + caption + "\n" (conv_llava_plain's sep), no eos.
     segments: list[tuple[Any, bool]] = []
     for role, text in turns:
         if role == "user":
             n = text.count(info.image_token)
             segments.extend((info.image_token_id, False) for _ in range(n))
-    caption = "\n".join(text.strip() for role, text in turns if role == "assistant")
-    segments.append((caption, True))
-    segments.append((EOS, True))
+    caption = "\n".join(text for role, text in turns if role == "assistant")
+    segments.append((caption + "\n", True))
     return segments
 
 
@@ -203,11 +222,16 @@ def _chat_segments(
     template: ChatTemplate, system: str | None, turns: list[tuple[str, str]], info: Any
 ) -> list[tuple[Any, bool]]:
     segments: list[tuple[Any, bool]] = []
+    if system and template.trim:
+        system = system.strip()
     if system:
         segments.append((template.system_format.format(system=system), False))
     for role, text in turns:
+        if template.trim:
+            text = text.strip()
         if role == "user":
             segments.append((template.user_prefix, False))
+            text = image_to_front(text, info.image_token)
             pieces = _user_pieces(text, info.image_token, info.image_token_id)
             segments.extend((piece, False) for piece in pieces)
             segments.append((template.user_suffix, False))

@@ -132,8 +132,8 @@ def test_plain_keeps_only_placeholders_and_caption(info):
     tokens = tokenize_conversation(conversation, info, "plain")
     _check_common(tokens, info)
     assert tokens.input_ids[:2] == [info.bos_token_id, info.image_token_id]
-    assert info.tokenizer.decode(tokens.input_ids) == "<s><image>a red circle on the left</s>"
-    assert _label_spans(tokens, info.tokenizer) == ["a red circle on the left</s>"]
+    assert info.tokenizer.decode(tokens.input_ids) == "<s><image>a red circle on the left\n"
+    assert _label_spans(tokens, info.tokenizer) == ["a red circle on the left\n"]
 
 
 def test_record_system_turn_and_multi_image(info):
