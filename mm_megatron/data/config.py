@@ -36,8 +36,9 @@ class DataConfig:
     tokenizer_path: str | None = field(default=None, metadata={"flag": "--tokenizer"})
     """Local directory of a HuggingFace tokenizer (loaded offline with AutoTokenizer)."""
 
-    template: str = "vicuna_v1"
-    """Chat template: plain (stage-1 captions), vicuna_v1 (LLaVA-1.5), llama3 or chatml."""
+    template: str | None = None
+    """Chat template: plain (stage-1 captions), vicuna_v1 (LLaVA-1.5), llama3 or chatml; None
+    takes the data directory's own (its `dataset_info.json`), else vicuna_v1."""
 
     system_prompt: str | None = None
     """System prompt; None uses the template's default (a record's own system turn wins)."""
@@ -85,7 +86,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field with an impossible value."""
-        if self.template not in TEMPLATE_NAMES:
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
             raise ValueError(f"data.template={self.template!r}; choose one of {TEMPLATE_NAMES}")
         if self.image_aspect not in IMAGE_ASPECT_MODES:
             raise ValueError(

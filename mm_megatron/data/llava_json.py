@@ -1,11 +1,14 @@
 """LLaVA-style JSON + an image folder -> webdataset shards (the format of `shards.py`).
 
 What this file does: reads a LLaVA JSON list (or JSONL) of records
-`{"id", "image": str | "images": [str], "conversations": [{"from", "value"}]}`, checks each record
-and writes the good ones into `<prefix>-NNNNNN.tar` shards (rotating by sample count and/or bytes)
-with a `<prefix>.index.json`. Bad records are skipped, never written, and reported by reason with
-their ids (on stdout and in `<prefix>.bad_records.json`):
+`{"id", "image": str | [str] | "images": [str], "conversations": [{"from", "value"}]}`, checks each
+record and writes the good ones into `<prefix>-NNNNNN.tar` shards (rotating by sample count and/or
+bytes) with a `<prefix>.index.json`, and records the split (and the chat template, when given) in
+the directory's `dataset_info.json`, so training on the directory finds them. Bad records are
+skipped, never written, and reported by reason with their ids (on stdout and in
+`<prefix>.bad_records.json`):
 
+- `broken_json`: a JSONL line that does not parse (its line number is the id)
 - `broken_record`: not a dict, or turns/images of the wrong type
 - `empty_conversation`: no turns, or no assistant turn
 - `placeholder_mismatch`: number of `<image>` placeholders != number of images
@@ -37,9 +40,12 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from mm_megatron.data.dataset_info import record_split
 from mm_megatron.data.shards import ShardWriter, encode_sample, sample_key
+from mm_megatron.data.templates import TEMPLATE_NAMES
 
 CONVERT_BAD_REASONS = (
+    "broken_json",
     "broken_record",
     "empty_conversation",
     "placeholder_mismatch",
@@ -97,12 +103,37 @@ class ConvertReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class BrokenLine:
+    """A JSONL line that does not parse; it becomes a `broken_json` bad record."""
+
+    line: int
+    """1-based line number in the file."""
+    error: str
+    """The parser's message."""
+
+
 def load_records(path: str) -> list[Any]:
-    """Records of a LLaVA JSON file (a list) or a JSONL file (one record per line)."""
+    """Records of a LLaVA JSON file (a list) or a JSONL file (one record per line).
+
+    A JSONL line that does not parse is returned as a `BrokenLine` (skipped and counted later);
+    a JSON list that does not parse is an error naming the file and position.
+    """
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        records = json.load(f)
+            records: list[Any] = []
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    records.append(BrokenLine(number, f"{e.msg} at column {e.colno}"))
+            return records
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from e
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
@@ -110,6 +141,8 @@ def load_records(path: str) -> list[Any]:
 
 def _check_record(record: Any) -> tuple[list[dict], list[str]]:
     """Validate the record's structure; return (conversations, image names)."""
+    if isinstance(record, BrokenLine):
+        raise _BadRecord("broken_json", f"line {record.line}: {record.error}")
     if not isinstance(record, dict):
         raise _BadRecord("broken_record", f"record is a {type(record).__name__}")
     turns = record.get("conversations")
@@ -126,8 +159,9 @@ def _check_record(record: Any) -> tuple[list[dict], list[str]]:
         raise _BadRecord("empty_conversation", "no assistant turn")
     if "images" in record:
         images = record["images"]
-    elif "image" in record:
-        images = [record["image"]]
+    elif "image" in record:  # LLaVA-style datasets write a list here for multi-image records
+        image = record["image"]
+        images = image if isinstance(image, list) else [image]
     else:
         images = []
     if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
@@ -173,6 +207,8 @@ def prepare_record(args: tuple[int, Any, str, bool]) -> tuple[int, Any, dict | N
     """
     index, record, image_folder, verify = args
     record_id = record.get("id", index) if isinstance(record, dict) else index
+    if isinstance(record, BrokenLine):
+        record_id = f"line {record.line}"
     try:
         turns, names = _check_record(record)
         payload = [_read_image(image_folder, name, verify) for name in names]
@@ -194,6 +230,7 @@ def convert_llava_json(
     num_workers: int = 0,
     limit: int | None = None,
     show_progress: bool = True,
+    template: str | None = None,
 ) -> ConvertReport:
     """Convert a LLaVA JSON file and its images into webdataset shards.
 
@@ -208,6 +245,8 @@ def convert_llava_json(
         num_workers: Processes that check records and read images (0: this process).
         limit: Convert only the first `limit` records.
         show_progress: Show a tqdm progress bar.
+        template: Chat template to record in `dataset_info.json` (training then uses it when
+            `data.template` is not set).
     """
     records = load_records(json_path)
     if limit is not None:
@@ -237,6 +276,14 @@ def convert_llava_json(
             pool.join()
         report.shards = writer.close()
     report.index_path = writer.index_path
+    record_split(
+        out_dir,
+        "val" if prefix in ("val", "validation") else prefix,
+        os.path.basename(writer.index_path),
+        report.num_written,
+        num_shards=len(report.shards),
+        template=template,
+    )
     with open(os.path.join(out_dir, f"{prefix}.bad_records.json"), "w", encoding="utf-8") as f:
         json.dump(report.bad, f, indent=1, default=str)
         f.write("\n")
@@ -267,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-energon", action="store_true", help="skip the megatron-energon index (.nv-meta/)"
     )
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATE_NAMES,
+        default=None,
+        help="chat template recorded in dataset_info.json (training uses it by default)",
+    )
     args = parser.parse_args(argv)
     report = convert_llava_json(
         args.json,
@@ -279,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.workers,
         limit=args.limit,
         show_progress=not args.quiet,
+        template=args.template,
     )
     print(report.summary())
     if report.num_written and not args.no_energon:

@@ -333,7 +333,7 @@ def build_dataloader(
     )
     processor = SampleProcessor(
         tokenizer_info=tokenizer,
-        template=data_config.template,
+        template=data_config.template or "vicuna_v1",
         image_transform=transform,
         max_seq_len=data_config.max_seq_len,
         image_tokens=image_tokens,

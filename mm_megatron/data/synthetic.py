@@ -359,6 +359,7 @@ def write_synthetic_dataset(
         "image_size": image_size,
         "image_format": image_format,
         "splits": splits,
+        "template": "plain",
         "tokenizer": {
             "path": "tokenizer",
             "vocab_size": vocab,

@@ -15,8 +15,8 @@ What this file does:
 Data defaults follow the model: unless set explicitly, `data.image_norm` matches the encoder
 style and `data.max_seq_len` is capped by the LM's `max_position_embeddings`. `data.image_size`
 is the encoder's input size; setting it to anything else is an error (the encoder's position
-embeddings fix it). With no training shards configured (the generated synthetic data) the
-template defaults to `plain`.
+embeddings fix it). An unset template is the data directory's own (the generated synthetic data
+says `plain`).
 
 What it does not do: parse command lines (`mm_megatron/commands/train_cmd.py`), or check a
 layout against a world size (`mm_megatron.parallel.layout`).
@@ -305,8 +305,6 @@ def build_job_config(tree: dict[str, Any], base_model: LlavaConfig | None = None
     apply_overrides(job.parallel, tree.get("parallel") or {}, "parallel")
     data = tree.get("data") or {}
     apply_overrides(job.data, data, "data")
-    if not job.data.train_shards and "template" not in data:
-        job.data.template = "plain"  # the generated synthetic captions: stage-1 style, short
     apply_overrides(job.train, tree.get("train") or {}, "train")
     job.validate()
     return job

@@ -22,7 +22,6 @@ except for the barrier around the synthetic-data generation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ import torch
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.data import DataConfig, TokenizerInfo, build_dataloader
+from mm_megatron.data.dataset_info import apply_dataset_info, read_dataset_info
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.runtime.distributed import barrier, rank
 from mm_megatron.train.config import JobConfig
@@ -55,6 +55,8 @@ class ResolvedData:
     """The generated synthetic dataset, if that is what the run uses."""
     labels: dict[str, list[str]] = field(default_factory=dict)
     """Label vocabularies of the synthetic dataset (colours, shapes, positions)."""
+    notes: list[str] = field(default_factory=list)
+    """Values taken from the dataset's own `dataset_info.json` (for the run's header)."""
 
 
 def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, seed: int) -> dict:
@@ -91,34 +93,33 @@ def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, se
 
 
 def resolve_data(job: JobConfig) -> ResolvedData:
-    """The job's data, generating the synthetic dataset when none is configured; collective."""
+    """The job's data, generating the synthetic dataset when none is configured; collective.
+
+    Either way the data directory's `dataset_info.json` fills what the config leaves unset
+    (template, validation split, tokenizer; `mm_megatron.data.dataset_info`), so `--data-path`
+    on a generated dataset trains exactly like the embedded default.
+    """
     data = job.data
-    if data.train_shards:
-        beside = Path(data.train_shards)
-        beside = beside if beside.is_dir() else beside.parent
-        if data.tokenizer_path is None and (beside / "tokenizer").is_dir():
-            data = replace(data, tokenizer_path=str(beside / "tokenizer"))  # carried by the data
-        # a dataset written by `mm-megatron data synth` keeps its label vocabularies beside the
-        # index; with them the caption accuracy can be measured on it too
-        info = beside / "dataset_info.json"
-        labels = {}
-        if info.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                labels = json.loads(info.read_text(encoding="utf-8")).get("labels") or {}
-        return ResolvedData(config=data, labels=labels)
-    out_dir = job.run_dir / SYNTHETIC_DIRNAME
-    info = ensure_synthetic_dataset(out_dir, job.model, job.train.synthetic_samples, seed=0)
-    if info["splits"]["train"]["num_samples"] < job.train.synthetic_samples:
-        raise ValueError(
-            f"{out_dir} holds fewer samples than train.synthetic_samples; delete it to regenerate"
+    synthetic_dir = None
+    if not data.train_shards:
+        synthetic_dir = job.run_dir / SYNTHETIC_DIRNAME
+        info = ensure_synthetic_dataset(
+            synthetic_dir, job.model, job.train.synthetic_samples, seed=0
         )
-    config = replace(
-        data,
-        train_shards=str(out_dir / "train.index.json"),
-        val_shards=str(out_dir / "val.index.json"),
-        tokenizer_path=data.tokenizer_path or str(out_dir / "tokenizer"),
-    )
-    return ResolvedData(config=config, synthetic_dir=out_dir, labels=info.get("labels", {}))
+        if info["splits"]["train"]["num_samples"] < job.train.synthetic_samples:
+            raise ValueError(
+                f"{synthetic_dir} holds fewer samples than train.synthetic_samples; delete it "
+                "to regenerate"
+            )
+        data = replace(data, train_shards=str(synthetic_dir / "train.index.json"))
+    directory, info = read_dataset_info(data.train_shards)
+    config, notes = apply_dataset_info(data, directory, info)
+    beside = Path(data.train_shards)
+    beside = beside if beside.is_dir() else beside.parent
+    if config.tokenizer_path is None and (beside / "tokenizer").is_dir():
+        config = replace(config, tokenizer_path=str(beside / "tokenizer"))  # carried by the data
+    labels = info.get("labels") or {}
+    return ResolvedData(config=config, synthetic_dir=synthetic_dir, labels=labels, notes=notes)
 
 
 def check_tokenizer(model: LlavaConfig, info: TokenizerInfo) -> None:

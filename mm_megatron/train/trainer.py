@@ -128,6 +128,8 @@ class Trainer:
         self._resumed_dir: str | None = None
         self._resume_changes: list[str] = []
         self.writer: MetricsWriter | None = None
+        self.data_totals = (0.0, 0.0)
+        """(samples read, bad samples) over all DP ranks, as of the last step."""
         self.result = TrainResult(iteration=0)
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -272,6 +274,8 @@ class Trainer:
             f"vision={m.freeze_vision} projector={m.freeze_projector} lm={m.freeze_lm} | "
             f"data: {self.data.config.train_shards} (template {self.data.config.template})"
         )
+        for note in self.data.notes:
+            w.print(f"data: {note} (from the dataset's own description)")
         if self.result.resumed_from is not None:
             what = "resumed from" if self.iteration else "initial weights from"
             w.print(
@@ -324,6 +328,7 @@ class Trainer:
         if sums[0]:
             self._raise_data_error(error)
         mp = self.world // self.dp  # ranks holding the same data
+        self.data_totals = (sums[4] / mp, sums[5] / mp)
         # NOTE: only the agreed flag decides; a signal arriving after the all-reduce is acted
         # upon one step later on every rank (a rank acting alone would deadlock the save).
         self.stop_requested = sums[1] > 0
@@ -510,9 +515,22 @@ class Trainer:
             if t.eval_iters > 0 and self.iteration not in self.result.evals:
                 self.evaluate()
             self.save()
+            self._check_bad_fraction_at_end()
         self.result.iteration = self.iteration
         self.result.skipped_iters = self.skipped_iters
         return self.result
+
+    def _check_bad_fraction_at_end(self) -> None:
+        """`data.max_bad_fraction` holds for the whole run, however few samples it read."""
+        read, bad = self.data_totals
+        limit = self.job.data.max_bad_fraction
+        if read and bad / read > limit:
+            raise DataError(
+                f"{int(bad)} of {int(read)} samples read in this run were bad "
+                f"({bad / read:.1%} > data.max_bad_fraction={limit:.1%}); checked at the end "
+                f"because the run read fewer than data.min_samples_for_bad_check="
+                f"{self.job.data.min_samples_for_bad_check}; see the [data] lines above"
+            )
 
     def close(self) -> None:
         """Wait for saves, close logs, restore signal handlers, tear down process groups."""
