@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "mm_megatron.commands.bench_cmd",
     "plan": "mm_megatron.commands.plan_cmd",
     "launch": "mm_megatron.commands.launch_cmd",
+    "generate": "mm_megatron.commands.generate_cmd",
 }
 
 

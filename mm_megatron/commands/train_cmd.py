@@ -47,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import os
 
+    from mm_megatron.train.run_outputs import resolve_output_paths
+
     job, targs = resolve_job(list(args.rest))
+    notes = resolve_output_paths(job)  # default run dir, checkpoint dir, TensorBoard dir
     if not targs.print_config:
         from mm_megatron.train.preflight import check_job
 
@@ -67,6 +70,9 @@ def _run(args: argparse.Namespace) -> int:
 
     export_rank_env()  # srun starting one task per rank without torchrun: join via SLURM's vars
 
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(note, flush=True)
     try:
         result = train(job)
     except (

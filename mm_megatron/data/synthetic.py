@@ -39,6 +39,7 @@ import re
 from typing import Any
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from mm_megatron.data.shards import ShardWriter, encode_sample, sample_key
 from mm_megatron.data.templates import TEMPLATES, VICUNA_SYSTEM
@@ -285,12 +286,19 @@ def _template_texts() -> list[str]:
 
 
 def _write_split(
-    out_dir: str, split: str, n: int, seed: int, shard_size: int, image_format: str, **kw: Any
+    out_dir: str,
+    split: str,
+    n: int,
+    seed: int,
+    shard_size: int,
+    image_format: str,
+    show_progress: bool = False,
+    **kw: Any,
 ) -> tuple[dict, list[str]]:
     counts = {"num_samples": n, "num_images": 0, "text_only": 0, "multi_image": 0}
     texts: list[str] = []
     with ShardWriter(out_dir, split, samples_per_shard=shard_size) as writer:
-        for i in range(n):
+        for i in tqdm(range(n), desc=f"synthesising {split}", disable=not show_progress):
             rng = random.Random(f"mm_megatron-synthetic/{seed}/{split}/{i}")
             turns, images, kind = make_sample(rng, **kw)
             record_id = f"synth-{split}-{i:06d}"
@@ -319,6 +327,7 @@ def write_synthetic_dataset(
     multi_image_fraction: float = 0.1,
     text_only_fraction: float = 0.05,
     vocab_size: int = 1024,
+    show_progress: bool = False,
 ) -> dict:
     """Write the synthetic dataset, its tokenizer and `dataset_info.json` to `out_dir`.
 
@@ -333,6 +342,7 @@ def write_synthetic_dataset(
         multi_image_fraction: Fraction of two-image samples.
         text_only_fraction: Fraction of samples without images.
         vocab_size: Upper bound of the tokenizer's vocabulary.
+        show_progress: Show a progress bar per split (stderr).
 
     Returns:
         The content written to `dataset_info.json`.
@@ -349,7 +359,9 @@ def write_synthetic_dataset(
     }
     splits, corpus = {}, []
     for split, n in (("train", n_train), ("val", n_val)):
-        splits[split], texts = _write_split(out_dir, split, n, seed, shard_size, image_format, **kw)
+        splits[split], texts = _write_split(
+            out_dir, split, n, seed, shard_size, image_format, show_progress, **kw
+        )
         corpus.extend(texts)
     corpus.extend(_template_texts() * 20)
     vocab = train_tiny_tokenizer(corpus, os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size)
@@ -405,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         multi_image_fraction=args.multi_image_fraction,
         text_only_fraction=args.text_only_fraction,
         vocab_size=args.vocab_size,
+        show_progress=True,
     )
     for split, counts in info["splits"].items():
         print(

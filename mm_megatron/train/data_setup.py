@@ -75,6 +75,11 @@ def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, se
 
     info_path = out_dir / "dataset_info.json"
     if rank() == 0 and not info_path.is_file():
+        print(
+            f"[data] generating the synthetic dataset ({n_train} train + "
+            f"{SYNTHETIC_VAL_SAMPLES} held-out samples, once) into {out_dir}",
+            flush=True,
+        )
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_synthetic_dataset(
@@ -85,6 +90,7 @@ def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, se
             shard_size=500,
             seed=seed,
             vocab_size=min(1024, model.lm.vocab_size),
+            show_progress=True,
         )
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)

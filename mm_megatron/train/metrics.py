@@ -31,6 +31,13 @@ from typing import Any
 
 import torch
 
+TENSORBOARD_NAMES = {
+    "loss": "lm_loss_last_step",
+    "lm_loss": "lm_loss_mean_since_last_log",
+}
+"""metrics.jsonl key -> TensorBoard tag where the key alone is ambiguous (`loss` is the last
+step's loss, `lm_loss` the mean over the steps since the previous log line)."""
+
 
 @dataclass
 class IntervalStats:
@@ -162,16 +169,42 @@ class MetricsWriter:
             print(line, file=sys.stdout, flush=True)
 
     def scalars(self, iteration: int, values: dict[str, Any], prefix: str = "train") -> None:
-        """Record `values` at `iteration` in TensorBoard (as ``prefix/name``) and the JSONL."""
+        """Record `values` at `iteration` in TensorBoard (as ``prefix/name``, with the names of
+        `TENSORBOARD_NAMES`) and the JSONL (keys as given)."""
         if not self.enabled:
             return
         if self._tb is not None:
             for name, value in values.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{prefix}/{name}", value, iteration)
+                    tag = TENSORBOARD_NAMES.get(name, name)
+                    self._tb.add_scalar(f"{prefix}/{tag}", value, iteration)
             self._tb.flush()
         if self._jsonl is not None:
             record = {"kind": prefix, "iteration": iteration, **values}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+
+    def samples(self, iteration: int, samples: list, answers: list[str]) -> None:
+        """Held-out images with the model's answers: TensorBoard image + text, and the JSONL."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            import numpy as np
+
+            from mm_megatron.data.image import decode_image
+
+            for i, (sample, answer) in enumerate(zip(samples, answers)):
+                pixels = np.asarray(decode_image(sample.image_bytes))  # [H, W, 3] uint8
+                self._tb.add_image(f"samples/{i}", pixels, iteration, dataformats="HWC")
+                text = f"**generated:** {answer}  \n**reference:** {sample.reference}"
+                self._tb.add_text(f"samples/{i}", text, iteration)
+            self._tb.flush()
+        if self._jsonl is not None:
+            rows = [
+                {"key": s.key, "answer": a, "reference": s.reference}
+                for s, a in zip(samples, answers)
+            ]
+            record = {"kind": "samples", "iteration": iteration, "samples": rows}
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
 

@@ -42,6 +42,8 @@ from megatron.core import parallel_state
 
 from mm_megatron.checkpoint import integrity
 from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
+from mm_megatron.data.image import ImageTransform
+from mm_megatron.infer.samples import caption_samples, heldout_samples
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.layout import validate_layout
@@ -56,6 +58,7 @@ from mm_megatron.train.components import (
     current_lr,
     optimizer_step,
     resolve_dtype,
+    unwrap,
 )
 from mm_megatron.train.config import JobConfig
 from mm_megatron.train.data_setup import (
@@ -73,10 +76,14 @@ from mm_megatron.train.metrics import (
     memory_line,
     memory_stats,
 )
+from mm_megatron.train.run_outputs import job_record, summary_lines, write_sample_image
 from mm_megatron.train.throughput import throughput
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Signals that trigger a checkpoint and a clean exit."""
+
+SAMPLES_PER_EVAL = 4
+"""Held-out images captioned into TensorBoard at each evaluation (synthetic data, PP=CP=1)."""
 
 
 __all__ = ["DataError", "NonFiniteLossError", "PeerFailure", "TrainResult", "train"]
@@ -214,6 +221,12 @@ class Trainer:
             self.checkpointer = ckpt.Checkpointer(
                 t.save, job.model, t.keep_last, t.async_save, provenance_from=t.load
             )
+            if self._resumed_dir == t.save and self.iteration:
+                self.checkpointer.last_saved = self.iteration  # it is on disk already
+        self.first_step = self.iteration
+        self.heldout = []
+        if self.caption_eval and not job.parallel.sequence_parallel:
+            self.heldout = heldout_samples(self.data.config.val_shards, SAMPLES_PER_EVAL)
         self._install_signals()
         self._print_header()
 
@@ -427,6 +440,17 @@ class Trainer:
             self.writer.print(f"[eval] iteration {self.iteration} | {shown}")
             self.writer.scalars(self.iteration, out, prefix="eval")
             self.result.evals[self.iteration] = out
+        if self.heldout:  # a few held-out images with the model's captions, to TensorBoard
+            d = self.data.config
+            transform = ImageTransform(d.image_size, d.image_aspect, d.image_norm)
+            answers = caption_samples(
+                unwrap(self.chunks[0]), self.tokenizer, d.template, transform, self.heldout
+            )
+            self.writer.samples(self.iteration, self.heldout, answers)
+            self.writer.print(
+                f"[eval] sample {self.heldout[0].key}: {answers[0]!r} "
+                f"(reference {self.heldout[0].reference!r})"
+            )
         return out
 
     def caption_accuracy(self) -> dict[str, float]:
@@ -466,7 +490,7 @@ class Trainer:
             "nan_iters": self.nan_iters,
             "scheduler": self.scheduler.state_dict(),
             "layout": layout,
-            "job": self.job.to_dict(),
+            "job": job_record(self.job, self.data.config),
         }
         saved = self.checkpointer.save(
             self.iteration,
@@ -490,6 +514,14 @@ class Trainer:
         """Steps until `train_iters` (or a signal); collective."""
         t = self.job.train
         interval, paused = IntervalStats(), 0.0
+        if self.iteration >= t.train_iters:
+            self.writer.print(
+                f"[run] already at iteration {self.iteration} of train_iters={t.train_iters}: "
+                "nothing to train (raise --train-iters to continue, or --run-dir NEW for a new run)"
+            )
+            self._print_summary()
+            self.result.iteration = self.iteration
+            return self.result
         while self.iteration < t.train_iters:
             self.heartbeat.beat(self.iteration + 1)
             step = self.train_step()
@@ -516,9 +548,32 @@ class Trainer:
                 self.evaluate()
             self.save()
             self._check_bad_fraction_at_end()
+            self._print_summary()
         self.result.iteration = self.iteration
         self.result.skipped_iters = self.skipped_iters
         return self.result
+
+    def _print_summary(self) -> None:
+        image, prompt = None, None
+        if self.rank == 0 and self.checkpointer is not None:
+            image, prompt = write_sample_image(self.job.run_dir, self.data.config.val_shards)
+        losses = self.result.losses
+        for line in summary_lines(
+            job=self.job,
+            parameters=sum(p.numel() for c in self.chunks for p in c.parameters()),
+            trained=sum(p.numel() for c in self.chunks for p in c.parameters() if p.requires_grad),
+            iteration=self.iteration,
+            steps_this_run=self.iteration - self.first_step,
+            consumed_samples=self.consumed_samples,
+            last_loss=losses[max(losses)] if losses else None,
+            evals=self.result.evals,
+            template=self.data.config.template,
+            train_data=str(self.data.config.train_shards),
+            checkpoint_iteration=self.checkpointer.last_saved if self.checkpointer else None,
+            sample_image=image,
+            sample_prompt=prompt,
+        ):
+            self.writer.print(line)
 
     def _check_bad_fraction_at_end(self) -> None:
         """`data.max_bad_fraction` holds for the whole run, however few samples it read."""
