@@ -143,14 +143,28 @@ class MultimodalDataLoader:
         return self.dataset.order.samples_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where to resume: the first position not in a returned batch, plus the counters."""
-        return {"sample_position": self._position, "counters": asdict(self.counters)}
+        """Where to resume: the first position not in a returned batch, the global offset its
+        positions count from, plus the counters."""
+        return {
+            "sample_position": self._position,
+            "global_offset": self.dataset.order.offset,
+            "counters": asdict(self.counters),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from a `state_dict()`; takes effect at the next `iter()`."""
         self._position = int(state["sample_position"])
+        if "global_offset" in state:
+            self.dataset.order.offset = int(state["global_offset"])
         if "counters" in state:
             self.counters = DataCounters(**state["counters"])
+
+    def continue_global_stream(self, consumed_samples: int) -> None:
+        """Start at global sample `consumed_samples` (a resume at another DP size or global
+        batch: this rank's positions restart at 0 from there; counters start afresh)."""
+        self.dataset.order.offset = int(consumed_samples)
+        self._position = 0
+        self.counters = DataCounters()
 
     def _items(self, start: int) -> Iterator[Example | BadSample]:
         """Stream items from `start` on, in position order."""
@@ -271,6 +285,7 @@ def build_dataloader(
     start_sample: int = 0,
     split: str = "train",
     num_epochs: int | None = None,
+    block: int | None = None,
 ) -> MultimodalDataLoader:
     """Build the loader of one data-parallel rank.
 
@@ -287,6 +302,9 @@ def build_dataloader(
         start_sample: Stream position to resume at (`state_dict()["sample_position"]`).
         split: `train` (endless, shuffled if configured) or `val` (one pass, file order).
         num_epochs: Override the stream length in epochs (None: endless for train, 1 for val).
+        block: Samples this rank takes from each global batch (global batch / DP): the global
+            sample stream is then the same at every DP size (`reader.SampleOrder`). None: each
+            rank reads a contiguous slice of every epoch.
 
     An energon dataset or metadataset as the split's shards selects the energon backend
     (`energon.py`; its train split is endless, its val split one pass unless `num_epochs` > 1
@@ -327,6 +345,7 @@ def build_dataloader(
         seed=seed,
         shuffle=data_config.shuffle and is_train,
         num_epochs=num_epochs if num_epochs is not None else (None if is_train else 1),
+        block=block,
     )
     transform = ImageTransform(
         data_config.image_size, data_config.image_aspect, data_config.image_norm

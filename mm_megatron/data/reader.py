@@ -3,11 +3,16 @@
 What this file does:
 - `SampleOrder` defines, for one data-parallel rank, which (shard, sample) sits at every
   position 0, 1, 2, ... of its stream. Epoch e is the whole dataset with the shard order
-  permuted and each shard's samples permuted (seeded by (seed, e), when shuffling); rank r takes
-  the r-th contiguous slice of that epoch (slices differ by at most one sample, cover every sample
-  once and never overlap); its stream is slice(epoch 0), slice(epoch 1), ... Position p is a
-  pure function of (shards, seed, dp_rank, dp_size), so resuming at p needs nothing but p, and
-  the number of DataLoader workers does not change the stream.
+  permuted and each shard's samples permuted (seeded by (seed, e), when shuffling); the epochs
+  concatenated are the global stream. Two ways to split it over DP ranks:
+  - `block=None` (validation): rank r takes the r-th contiguous slice of every epoch (slices
+    differ by at most one sample, cover every sample once and never overlap);
+  - `block=B` (training, B = global batch / DP): the global stream is cut into global batches of
+    B * dp_size samples and rank r takes the r-th block of B of each, so step k consumes global
+    samples [k*G, (k+1)*G) whatever the DP size, and a run resumed at another DP size (or global
+    batch) continues the same stream from `offset` (the global samples consumed before).
+  Position p is a pure function of (shards, seed, dp_rank, dp_size, block, offset), so resuming
+  at p needs nothing but p, and the number of DataLoader workers does not change the stream.
 - `ExampleDataset` (a torch IterableDataset) reads positions start, start+1, ... in chunks of
   consecutive positions (chunk j goes to worker j % W), finds each sample in its tar shard by
   random access (`shards.ShardMembers`), and yields an `Example` or, for a sample that must be
@@ -43,6 +48,8 @@ class SampleOrder:
         seed: int,
         shuffle: bool,
         num_epochs: int | None = None,
+        block: int | None = None,
+        offset: int = 0,
     ):
         """Args:
         shards: All shards of the split, in a fixed order (every rank passes the same list).
@@ -51,7 +58,17 @@ class SampleOrder:
         seed: Base seed of the shuffles (non-negative).
         shuffle: Permute shards and samples per epoch; False keeps file order.
         num_epochs: Length of the stream in epochs; None for endless.
+        block: Samples per rank per global batch (global-batch-major split); None for
+            contiguous per-epoch slices.
+        offset: Global samples consumed before position 0 (block mode only).
         """
+        if block is not None and block < 1:
+            raise ValueError(f"block={block} must be >= 1")
+        if offset < 0:
+            raise ValueError(f"offset={offset} must be >= 0")
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.block = block
+        self.offset = offset
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if seed < 0:
@@ -76,7 +93,21 @@ class SampleOrder:
     @property
     def end(self) -> int | None:
         """One past the last position, or None for an endless stream."""
-        return None if self.num_epochs is None else self.num_epochs * self.samples_per_epoch
+        if self.num_epochs is None:
+            return None
+        if self.block is None:
+            return self.num_epochs * self.samples_per_epoch
+        left = max(0, self.num_epochs * int(self._counts.sum()) - self.offset)
+        rounds, rest = divmod(left, self.block * self.dp_size)
+        return rounds * self.block + min(max(rest - self.dp_rank * self.block, 0), self.block)
+
+    def global_index(self, position: int) -> int:
+        """Index in the global stream (epochs concatenated) of this rank's `position`."""
+        if self.block is None:
+            epoch, offset = divmod(position, self.samples_per_epoch)
+            return epoch * int(self._counts.sum()) + self._rank_offset + offset
+        step, within = divmod(position, self.block)
+        return self.offset + (step * self.dp_size + self.dp_rank) * self.block + within
 
     def _set_epoch(self, epoch: int) -> None:
         if epoch == self._epoch:
@@ -89,9 +120,8 @@ class SampleOrder:
 
     def locate(self, position: int) -> tuple[int, int]:
         """(shard index, sample index within the shard) at `position` of this rank's stream."""
-        epoch, offset = divmod(position, self.samples_per_epoch)
-        self._set_epoch(epoch)
-        g = self._rank_offset + offset  # index in the epoch's global order
+        epoch, g = divmod(self.global_index(position), int(self._counts.sum()))
+        self._set_epoch(epoch)  # g: index in the epoch's global order
         k = int(np.searchsorted(self._ends, g, side="right"))
         shard = int(self._shard_order[k])
         local = g - (int(self._ends[k - 1]) if k else 0)

@@ -16,7 +16,9 @@ pruning and loading; this file only adds state to it). One iteration directory h
 
 So a training checkpoint is also a model checkpoint the converters and `--load` read.
 `Checkpointer` saves (optionally in a background process); `load_training_state` restores model,
-optimizer, scheduler, RNG (only at the same layout) and data position (only at the same DP size);
+optimizer, scheduler, RNG (only at the same layout) and data position (at the same DP size; at
+another one the trainer continues the global sample stream from the consumed samples, and megatron
+reshards a distributed optimizer's ``dp_reshardable`` state over the new DP group);
 `load_weights` reads just the model (`--load`, e.g. a converter's ``release``). The directory
 helpers the trainer uses (`latest_iteration`, `clean_stale`, `check_model_matches`,
 `complete_iterations`) are model_io's, re-exported here.
@@ -276,17 +278,9 @@ def load_training_state(
     ckpt_dir = Path(ckpt_dir)
     train_state = read_train_state(ckpt_dir, iteration)
     saved, now = train_state["layout"], layout_info()
-    if saved["dp"] != now["dp"]:
-        raise ValueError(
-            f"{ckpt_dir} iteration {iteration} was saved at DP={saved['dp']}; this run has "
-            f"DP={now['dp']}, so the data positions (and a distributed optimizer's shards) "
-            f"cannot be restored. Start a new --save directory with --load {ckpt_dir} to "
-            "continue from its weights."
-        )
-    extra: dict[str, Any] = {
-        "optimizer": _optimizer_sharded(optimizer, chunks, is_loading=True),
-        "data_state": _data_sharded(None),
-    }
+    extra: dict[str, Any] = {"optimizer": _optimizer_sharded(optimizer, chunks, is_loading=True)}
+    if saved["dp"] == now["dp"]:  # at another DP size the trainer restarts from consumed samples
+        extra["data_state"] = _data_sharded(None)
     same_layout = saved == now
     if same_layout:
         extra["rng_state"] = _rng_sharded(None)
@@ -307,7 +301,7 @@ def load_training_state(
     train_state["changed_on_resume"] = changes
     if same_layout:
         _set_rng_state(loaded["rng_state"])
-    return train_state, loaded["data_state"]
+    return train_state, loaded.get("data_state")
 
 
 def load_weights(ckpt_dir: str | Path, chunks: list, optimizer, model: LlavaConfig) -> int | str:

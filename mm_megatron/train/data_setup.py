@@ -14,7 +14,8 @@ What this file does:
 
 Every rank of a data-parallel replica (its TP/PP/CP ranks) builds the same loader (same DP
 rank and seed), so they all see the same micro-batches without a broadcast; DP ranks read
-disjoint parts of the stream.
+disjoint shares of every global batch, so step k consumes global samples [k*G, (k+1)*G) at any
+DP size.
 
 What it does not do: decode, tokenize or pack (`mm_megatron.data`), or talk to other ranks
 except for the barrier around the synthetic-data generation.
@@ -152,7 +153,12 @@ def build_loader(
     dp_size: int,
     split: str = "train",
 ) -> Any:
-    """One DP rank's loader (train: endless; val: endless too, restarted for every eval)."""
+    """One DP rank's loader (train: endless; val: endless too, restarted for every eval).
+
+    Training splits the global sample stream by global batch (rank r reads the r-th share of
+    every global batch), so the samples of step k do not depend on the DP size.
+    """
+    is_train = split == "train"
     return build_dataloader(
         data,
         tokenizer,
@@ -162,8 +168,60 @@ def build_loader(
         image_tokens=ImageTokenCounter.from_config(job.model),
         seed=job.train.seed,
         split=split,
-        num_epochs=None if split == "train" else 1_000_000,
+        num_epochs=None if is_train else 1_000_000,
+        block=job.train.global_batch_size // dp_size if is_train else None,
     )
+
+
+def resume_data_stream(
+    loader: Any,
+    data_state: dict | None,
+    saved: dict,
+    global_batch: int,
+    dp: int,
+    iteration: int,
+    consumed_samples: int,
+) -> list[str]:
+    """Put a resumed run's loader where the stream continues; returns announcements.
+
+    At the same DP size and global batch the saved position is exact (bad samples included);
+    when either changed, the loader continues the global sample stream at `consumed_samples`
+    (exact unless samples were skipped as bad before), and the change is announced.
+
+    Args:
+        loader: The rank's training loader.
+        data_state: This rank's saved loader state (None when the DP size changed).
+        saved: The checkpoint's training state (layout, job).
+        global_batch: This run's global batch size.
+        dp: This run's data-parallel size.
+        iteration: The step resumed at.
+        consumed_samples: Global samples consumed before it.
+    """
+    notes = []
+    old_g = (saved.get("job") or {}).get("train", {}).get("global_batch_size")
+    old_dp = saved["layout"]["dp"]
+    if old_g is not None and old_g != global_batch:
+        notes.append(
+            f"[resume] global batch size changed from {old_g} to {global_batch}: step "
+            f"{iteration + 1} consumes global samples [{consumed_samples}, "
+            f"{consumed_samples + global_batch})"
+        )
+    if old_dp != dp:
+        notes.append(
+            f"[resume] data-parallel size changed from {old_dp} to {dp}: the data stream "
+            f"continues at global sample {consumed_samples} (each rank reads its share of every "
+            "global batch); bad-sample counters start afresh"
+        )
+    if data_state is not None and old_g in (None, global_batch):
+        loader.load_state_dict(data_state)
+    elif hasattr(loader, "continue_global_stream"):
+        loader.continue_global_stream(consumed_samples)
+    else:
+        raise ValueError(
+            "this data backend (energon) resumes only at the DP size and global batch size it "
+            f"was saved with (DP {old_dp}, global batch {old_g})"
+        )
+    return notes
 
 
 @dataclass

@@ -66,6 +66,7 @@ from mm_megatron.train.data_setup import (
     build_loader,
     check_tokenizer,
     resolve_data,
+    resume_data_stream,
 )
 from mm_megatron.train.evaluate import caption_attribute_accuracy, validation_loss
 from mm_megatron.train.heartbeat import Heartbeat, PeerFailure
@@ -136,6 +137,8 @@ class Trainer:
         self._resume_changes: list[str] = []
         self.writer: MetricsWriter | None = None
         self.data_totals = (0.0, 0.0)
+        self.notes: list[str] = []
+        """Announcements for the header (e.g. a changed DP size or global batch on resume)."""
         """(samples read, bad samples) over all DP ranks, as of the last step."""
         self.result = TrainResult(iteration=0)
 
@@ -196,8 +199,7 @@ class Trainer:
         loader = build_loader(
             self.data.config, self.tokenizer, job, dp_rank=self.dp_rank, dp_size=self.dp
         )
-        if data_state is not None:
-            loader.load_state_dict(data_state)
+        self._position_loader(loader, data_state)
         self.train_batches = StepBatches(loader, self.num_microbatches, t.blank_images)
         self.val_loader = None
         if self.data.config.val_shards and t.eval_iters > 0:
@@ -261,6 +263,7 @@ class Trainer:
             self.result.resumed_from = latest
             self._resumed_dir = t.save
             self._resume_changes = state.get("changed_on_resume", [])
+            self._saved_state = state
             return data_state
         source = t.save if latest == "release" else t.load
         if source:
@@ -269,6 +272,14 @@ class Trainer:
             )
             self._resumed_dir = source
         return None
+
+    def _position_loader(self, loader, data_state: dict | None) -> None:
+        saved = getattr(self, "_saved_state", None)
+        if saved is not None:
+            self.notes += resume_data_stream(
+                loader, data_state, saved, self.job.train.global_batch_size, self.dp,
+                self.iteration, self.consumed_samples,
+            )  # fmt: skip
 
     def _print_header(self) -> None:
         job, w = self.job, self.writer
@@ -289,6 +300,8 @@ class Trainer:
         )
         for note in self.data.notes:
             w.print(f"data: {note} (from the dataset's own description)")
+        for note in self.notes:
+            w.print(note)
         if self.result.resumed_from is not None:
             what = "resumed from" if self.iteration else "initial weights from"
             w.print(
