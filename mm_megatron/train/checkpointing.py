@@ -140,7 +140,40 @@ def _models(chunks: list) -> list:
     return unwrap_model(list(chunks))
 
 
+def _restore_adam_steps(optimizer) -> None:
+    """Give torch Adam under megatron's DistributedOptimizer its step count back.
+
+    NOTE: megatron 0.19.2 saves a distributed optimizer's `step` in its param groups and also
+    treats torch Adam's per-parameter 0-d `step` tensor as bucket state, which the
+    `dp_reshardable` load does not restore (it keeps the value the load started from; megatron
+    assumes TE/Apex FusedAdam, which has no such tensor). Reset every per-parameter step from
+    the loaded param group, one tensor each.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        for group in sub.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = sub.optimizer.state.get(param)
+                if state is not None and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
 def _optimizer_sharded(optimizer, chunks: list, is_loading: bool) -> dict:
+    if is_loading:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
+                # NOTE: a fresh torch Adam has no state yet and megatron's DistributedOptimizer
+                # .state_dict() asserts on its step; megatron's own dummy initialisation (one
+                # step on zero grads) creates it, and the load then overwrites it in place
+                # (the model weights are loaded after this, so the dummy step leaves no trace).
+                sub._init_optimizer_states_with_dummy_values()
     model_sd = model_io.model_sharded_state_dict(_models(chunks))
     return optimizer.sharded_state_dict(
         model_sd, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA)
@@ -288,7 +321,9 @@ def load_training_state(
         log.warning("layout changed from %s to %s: RNG states are not restored", saved, now)
     loaded = model_io.load_checkpoint(_models(chunks), ckpt_dir, iteration=iteration, extra=extra)
     changes = resume_changes.adopt_param_groups(optimizer, loaded["optimizer"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # megatron copies into parameter views in place
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     changes += resume_changes.load_scheduler(scheduler, train_state["scheduler"])
     changes = list(dict.fromkeys(changes))
     if changes:
