@@ -27,6 +27,8 @@ from mm_megatron.train.testing import kill_session, train_subprocess
 
 RUN = "runs/debug-tiny"
 
+pytestmark = pytest.mark.timeout(2400)  # the main job itself: 44 s idle, minutes when shared
+
 
 def _main_job(cwd, timeout: float = 1500) -> str:
     proc = train_subprocess(["--preset", "debug-tiny"], cwd=str(cwd))
