@@ -5,8 +5,9 @@ What this file does:
   `train.run_dir` (`runs/<preset>`), `train.save` (`<run_dir>/checkpoints`: every run keeps its
   final checkpoint) and `train.tensorboard_dir` (`<run_dir>/tensorboard`), and decides what a
   second run in the same place does: resume, when the checkpoint directory holds a checkpoint
-  (announced), or write to a fresh `<run_dir>-2` (`-3`, ...), when the run directory holds an
-  earlier run's logs but nothing to resume, so curves never mix. Returns the lines announcing it.
+  (announced), or write to a fresh `runs/<preset>-2` (`-3`, ...), when the default run
+  directory holds an earlier run's logs but nothing to resume, so curves never mix (a run
+  directory given explicitly is reused, announced). Returns the lines announcing it.
 - `job_record(job, data)`: the job as recorded in checkpoints, with the resolved data config
   (template, tokenizer, splits) and absolute paths, so `generate` finds the run's tokenizer.
 - `summary_lines(...)`: the end-of-run summary: what was trained, final metrics, where the
@@ -60,6 +61,11 @@ def resolve_output_paths(job: Any) -> list[str]:
         notes.append(
             f"[run] {save} holds a checkpoint: this run resumes from it (its logs append to "
             f"{run_dir}); pass --run-dir NEW_DIR to start afresh"
+        )
+    elif _used(run_dir) and t.run_dir:  # a directory the user named: theirs to reuse
+        notes.append(
+            f"[run] {run_dir} holds an earlier run's logs and no checkpoint to resume: this "
+            "run starts at step 0 and appends to them"
         )
     elif _used(run_dir):
         n = 2
