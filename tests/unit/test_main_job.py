@@ -75,13 +75,16 @@ def test_tensorboard_names_and_samples(main_job):
     assert {"train/lm_loss_last_step", "train/lm_loss_mean_since_last_log"} <= scalars
     assert not {"train/loss", "train/lm_loss"} & scalars
     assert "eval/colour_acc" in scalars
-    assert "samples/0" in acc.Tags()["images"]
-    assert len(acc.Images("samples/0")) == 3  # evaluations at 100, 200, 300
-    texts = [t for t in acc.Tags()["tensors"] if t.startswith("samples/")]
-    assert texts
     rows = [json.loads(line) for line in (cwd / RUN / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["iteration"] for r in rows if r["kind"] == "eval"]
+    assert evals and evals[-1] == 300
+    # every evaluation: held-out images with their generated captions (image + text)
+    assert "samples/0" in acc.Tags()["images"]
+    assert [e.step for e in acc.Images("samples/0")] == evals
+    assert [t for t in acc.Tags()["tensors"] if t.startswith("samples/")]
     samples = [r for r in rows if r["kind"] == "samples"]
-    assert [r["iteration"] for r in samples] == [100, 200, 300]
+    assert [r["iteration"] for r in samples] == evals
+    assert all(len(r["samples"]) == 4 and r["samples"][0]["answer"] for r in samples)
 
 
 def test_generate_names_the_colour_of_held_out_images(main_job, tmp_path, capsys):
