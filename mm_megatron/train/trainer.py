@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 from mm_megatron.checkpoint import integrity
 from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
@@ -58,7 +59,6 @@ from mm_megatron.train.components import (
     current_lr,
     optimizer_step,
     resolve_dtype,
-    unwrap,
 )
 from mm_megatron.train.config import JobConfig
 from mm_megatron.train.data_setup import (
@@ -457,7 +457,7 @@ class Trainer:
             d = self.data.config
             transform = ImageTransform(d.image_size, d.image_aspect, d.image_norm)
             answers = caption_samples(
-                unwrap(self.chunks[0]), self.tokenizer, d.template, transform, self.heldout
+                unwrap_model(self.chunks[0]), self.tokenizer, d.template, transform, self.heldout
             )
             self.writer.samples(self.iteration, self.heldout, answers)
             self.writer.print(
