@@ -113,10 +113,10 @@ def load_for_inference(
         tokenizer: Tokenizer directory override.
         model: An already built model to use instead of loading weights (the trainer's).
     """
+    from mm_megatron.checkpoint.model_io import latest_iteration
     from mm_megatron.data.tokenizer import prepare_tokenizer
     from mm_megatron.model.build import build_llava_model
     from mm_megatron.runtime import distributed
-    from mm_megatron.train.checkpointing import latest_iteration
 
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():

@@ -13,7 +13,10 @@ What this file does:
 Caption accuracy needs the full logits on every rank, so it runs only at PP=1 and CP=1 (TP is
 fine: the model gathers the vocab shards); every rank computes the same numbers.
 
-What it does not do: generation, or metrics for real datasets.
+- `run_evaluation(trainer)`: what the trainer runs at each evaluation: the two above where they
+  apply, plus a few held-out images captioned by the model (`mm_megatron.infer`) into TensorBoard.
+
+What it does not do: the decoding itself (`mm_megatron.infer`), or metrics for real datasets.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ from typing import Any
 import torch
 from megatron.core.utils import unwrap_model
 
+from mm_megatron.data import build_dataloader
 from mm_megatron.data.batch import IGNORE_INDEX
+from mm_megatron.data.image import ImageTransform
+from mm_megatron.infer.samples import caption_samples
+from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.schedule import forward_backward
+from mm_megatron.train.data_setup import StepBatches
 
 
 def validation_loss(chunks: list, step_batches, iters: int) -> float:
@@ -123,3 +131,61 @@ def caption_attribute_accuracy(
         "shape_acc": correct["shape"] / n if n else float("nan"),
         "captions": n,
     }
+
+
+def run_evaluation(trainer) -> dict[str, float]:
+    """The trainer's evaluation: validation loss, caption accuracy on synthetic data, and a few
+    held-out images captioned into TensorBoard; collective."""
+    t = trainer.job.train
+    out: dict[str, float] = {}
+    if trainer.val_loader is not None:
+        trainer.val_loader.load_state_dict({"sample_position": 0})
+        val = StepBatches(trainer.val_loader, trainer.num_microbatches, t.blank_images)
+        out["val_loss"] = validation_loss(trainer.chunks, val, t.eval_iters)
+    if trainer.caption_eval:
+        out.update(caption_accuracy(trainer))
+    if out:
+        shown = " | ".join(f"{k}: {v:.4f}" for k, v in out.items())
+        trainer.writer.print(f"[eval] iteration {trainer.iteration} | {shown}")
+        trainer.writer.scalars(trainer.iteration, out, prefix="eval")
+        trainer.result.evals[trainer.iteration] = out
+    if trainer.heldout:  # a few held-out images with the model's captions, to TensorBoard
+        d = trainer.data.config
+        transform = ImageTransform(d.image_size, d.image_aspect, d.image_norm)
+        answers = caption_samples(
+            unwrap_model(trainer.chunks[0]),
+            trainer.tokenizer,
+            d.template,
+            transform,
+            trainer.heldout,
+        )
+        trainer.writer.samples(trainer.iteration, trainer.heldout, answers)
+        trainer.writer.print(
+            f"[eval] sample {trainer.heldout[0].key}: {answers[0]!r} "
+            f"(reference {trainer.heldout[0].reference!r})"
+        )
+    return out
+
+
+def caption_accuracy(trainer) -> dict[str, float]:
+    """Colour/shape accuracy over the whole held-out split (same on every rank)."""
+    loader = build_dataloader(
+        trainer.data.config,
+        trainer.tokenizer,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=max(trainer.job.train.micro_batch_size, 16),
+        image_tokens=ImageTokenCounter.from_config(trainer.job.model),
+        seed=trainer.job.train.seed,
+        split="val",
+    )
+    batches = []
+    for batch in loader:
+        batch.pop("sample_keys")
+        batch.pop("expanded_lens")
+        if trainer.job.train.blank_images:
+            batch["images"] = torch.zeros_like(batch["images"])
+        batches.append(batch)
+    return caption_attribute_accuracy(
+        trainer.chunks, batches, trainer.tokenizer.tokenizer, trainer.data.labels
+    )

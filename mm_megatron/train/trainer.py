@@ -39,14 +39,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from mm_megatron.checkpoint import integrity
 from mm_megatron.data import TooManyBadSamplesError, prepare_tokenizer
-from mm_megatron.data.image import ImageTransform
-from mm_megatron.infer.samples import caption_samples, heldout_samples
+from mm_megatron.infer.samples import heldout_samples
 from mm_megatron.model.flops import train_step_flops
-from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.parallel.layout import validate_layout
 from mm_megatron.parallel.schedule import forward_backward
 from mm_megatron.runtime import children, cpu_runtime, distributed
@@ -68,7 +65,7 @@ from mm_megatron.train.data_setup import (
     resolve_data,
     resume_data_stream,
 )
-from mm_megatron.train.evaluate import caption_attribute_accuracy, validation_loss
+from mm_megatron.train.evaluate import run_evaluation
 from mm_megatron.train.heartbeat import Heartbeat, PeerFailure
 from mm_megatron.train.metrics import (
     IntervalStats,
@@ -439,57 +436,8 @@ class Trainer:
         self.writer.scalars(self.iteration, {"loss": step["loss"], **values, **mem})
 
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (and caption accuracy on synthetic data); collective."""
-        t = self.job.train
-        out: dict[str, float] = {}
-        if self.val_loader is not None:
-            self.val_loader.load_state_dict({"sample_position": 0})
-            val = StepBatches(self.val_loader, self.num_microbatches, t.blank_images)
-            out["val_loss"] = validation_loss(self.chunks, val, t.eval_iters)
-        if self.caption_eval:
-            out.update(self.caption_accuracy())
-        if out:
-            shown = " | ".join(f"{k}: {v:.4f}" for k, v in out.items())
-            self.writer.print(f"[eval] iteration {self.iteration} | {shown}")
-            self.writer.scalars(self.iteration, out, prefix="eval")
-            self.result.evals[self.iteration] = out
-        if self.heldout:  # a few held-out images with the model's captions, to TensorBoard
-            d = self.data.config
-            transform = ImageTransform(d.image_size, d.image_aspect, d.image_norm)
-            answers = caption_samples(
-                unwrap_model(self.chunks[0]), self.tokenizer, d.template, transform, self.heldout
-            )
-            self.writer.samples(self.iteration, self.heldout, answers)
-            self.writer.print(
-                f"[eval] sample {self.heldout[0].key}: {answers[0]!r} "
-                f"(reference {self.heldout[0].reference!r})"
-            )
-        return out
-
-    def caption_accuracy(self) -> dict[str, float]:
-        """Colour/shape accuracy over the whole held-out split (same on every rank)."""
-        from mm_megatron.data import build_dataloader
-
-        loader = build_dataloader(
-            self.data.config,
-            self.tokenizer,
-            dp_rank=0,
-            dp_size=1,
-            micro_batch_size=max(self.job.train.micro_batch_size, 16),
-            image_tokens=ImageTokenCounter.from_config(self.job.model),
-            seed=self.job.train.seed,
-            split="val",
-        )
-        batches = []
-        for batch in loader:
-            batch.pop("sample_keys")
-            batch.pop("expanded_lens")
-            if self.job.train.blank_images:
-                batch["images"] = torch.zeros_like(batch["images"])
-            batches.append(batch)
-        return caption_attribute_accuracy(
-            self.chunks, batches, self.tokenizer.tokenizer, self.data.labels
-        )
+        """Validation loss, caption accuracy, held-out captions (`evaluate.run_evaluation`)."""
+        return run_evaluation(self)
 
     def save(self) -> None:
         """Checkpoint the current state (no-op without `train.save`); collective."""
