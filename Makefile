@@ -1,10 +1,11 @@
 # mm_megatron developer entry points. See README.md.
 #   make install   create .venv (Python >= 3.12) and install mm_megatron[dev]
 #   make test      lint + format check + the whole test suite (what .ci/run calls)
+#   make test-fast the quick unit tests (no slow marker), for the edit-test loop
 #   make demo      the main job on the embedded default (tiny preset, synthetic data, CPU)
 PY := .venv/bin/python
 
-.PHONY: install test lint format demo
+.PHONY: install test test-fast lint format demo
 install:
 	bash tools/setup_env.sh
 
@@ -18,6 +19,9 @@ format:
 
 test: lint
 	$(PY) -m pytest -q tests
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow" tests/unit
 
 demo:
 	$(PY) -m mm_megatron model summary --preset debug-tiny

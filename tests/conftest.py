@@ -1,4 +1,15 @@
-"""Shared pytest set-up: the CPU runtime, a single-rank megatron fixture, and suite options."""
+"""Shared pytest set-up: tiers, the CPU runtime, a single-rank megatron fixture, suite options.
+
+Tiers are folders, and each folder's tests get the tier's markers here:
+
+- ``tests/unit``: one process, in-process calls; the quick ones are ``make test-fast``;
+- ``tests/integration``: whole trainer/CLI runs, subprocesses, signals, the learning test (slow);
+- ``tests/distributed``: spawned gloo worlds (slow);
+- ``tests/slurm``: a real two-node SLURM cluster (slow);
+- ``tests/gpu``: skipped without CUDA.
+
+A unit test that takes more than a few seconds carries ``@pytest.mark.slow`` itself.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +38,21 @@ def pytest_addoption(parser):
     parser.addoption("--full-matrix", action="store_true", help="run the full layout parity matrix")
 
 
+TIER_MARKERS = {
+    "integration": ("integration", "slow"),
+    "distributed": ("distributed", "slow"),
+    "slurm": ("slurm", "slow"),
+    "gpu": ("gpu",),
+}
+"""tests/<folder> -> markers every test in it gets."""
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        tier = parts[parts.index("tests") + 1] if "tests" in parts else ""
+        for name in TIER_MARKERS.get(tier, ()):
+            item.add_marker(getattr(pytest.mark, name))
     run_full = config.getoption("--full-matrix") or "full_matrix" in (config.option.markexpr or "")
     skip_full = pytest.mark.skip(reason="full parity matrix: pass --full-matrix")
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

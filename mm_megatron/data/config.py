@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from mm_megatron.data.templates import TEMPLATE_NAMES
 
+DEFAULT_TEMPLATE = "vicuna_v1"
+"""The chat template of a dataset that names none (LLaVA-1.5's)."""
+
 IMAGE_ASPECT_MODES = ("pad", "resize", "crop")
 """How a non-square image becomes square; see `image.py`."""
 
@@ -83,6 +86,12 @@ class DataConfig:
 
     min_samples_for_bad_check: int = 200
     """Samples to read before the bad fraction is checked at all."""
+
+    @property
+    def chat_template(self) -> str:
+        """The template the samples are formatted with: `template`, else vicuna_v1 (the trainer
+        fills `template` from the data directory's `dataset_info.json` before this is read)."""
+        return self.template or DEFAULT_TEMPLATE
 
     def validate(self) -> None:
         """Raise ValueError naming the first field with an impossible value."""

@@ -22,13 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mm_megatron.data.config import DataConfig
+from mm_megatron.data.config import DEFAULT_TEMPLATE, DataConfig
 
 DATASET_INFO = "dataset_info.json"
 """Name of the description file inside a data directory."""
-
-DEFAULT_TEMPLATE = "vicuna_v1"
-"""Template used when neither the config nor the dataset names one."""
 
 
 def _directory(train_shards: str) -> Path:

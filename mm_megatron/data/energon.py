@@ -236,7 +236,7 @@ def build_energon_loader(
         tokenizer = prepare_tokenizer(source, data_config.image_token)
     processor = SampleProcessor(
         tokenizer_info=tokenizer,
-        template=data_config.template,
+        template=data_config.chat_template,
         image_transform=ImageTransform(
             data_config.image_size, data_config.image_aspect, data_config.image_norm
         ),

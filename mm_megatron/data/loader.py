@@ -352,7 +352,7 @@ def build_dataloader(
     )
     processor = SampleProcessor(
         tokenizer_info=tokenizer,
-        template=data_config.template or "vicuna_v1",
+        template=data_config.chat_template,
         image_transform=transform,
         max_seq_len=data_config.max_seq_len,
         image_tokens=image_tokens,

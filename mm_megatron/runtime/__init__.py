@@ -1,5 +1,5 @@
-"""Where and how the job runs: the lowest layer, importing nothing else from mm_megatron but
-``config``.
+"""Where and how the job runs: importing nothing else from mm_megatron but ``config`` and the
+layout size checks of ``parallel.layout`` (which import no megatron).
 
 - ``cpu_runtime.py``: the runtime switch ``on_cpu()`` (no CUDA, or ``MM_MEGATRON_FORCE_CPU=1``)
   and every accommodation that lets megatron-core run on the CPU over gloo (device redirect,

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+    from tests.train_helpers import tiny_job, write_tiny_dataset
 
     root = tmp_path_factory.mktemp("resume_dp")
     write_tiny_dataset(root / "data", n_train=96, n_val=16)

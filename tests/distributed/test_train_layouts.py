@@ -80,7 +80,7 @@ def _train(rank, world, job_dict, layout, interleave_dp=0):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+    from tests.train_helpers import tiny_job, write_tiny_dataset
 
     root = tmp_path_factory.mktemp("train_layouts")
     write_tiny_dataset(root / "data", n_train=96, n_val=16)

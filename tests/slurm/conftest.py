@@ -36,7 +36,7 @@ def cluster():
 @pytest.fixture(scope="session")
 def slurm_data(tmp_path_factory):
     """The tiny synthetic dataset every SLURM job trains on."""
-    from mm_megatron.train.testing import write_tiny_dataset
+    from tests.train_helpers import write_tiny_dataset
 
     out = tmp_path_factory.mktemp("slurm-data")
     write_tiny_dataset(out)

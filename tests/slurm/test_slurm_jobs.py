@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from mm_megatron.train.metrics import read_metrics
-from mm_megatron.train.testing import data_overrides
 from tests.slurm.conftest import job_field, launch, submitted_ids, wait_job
+from tests.train_helpers import data_overrides
 
 pytestmark = pytest.mark.slurm
 

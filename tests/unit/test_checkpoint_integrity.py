@@ -28,7 +28,7 @@ from mm_megatron.checkpoint.integrity import CheckpointSaveError, check_record
 from mm_megatron.train import checkpointing as ckpt
 from mm_megatron.train import trainer as trainer_mod
 from mm_megatron.train.metrics import read_metrics
-from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.templates import EOS, TEMPLATES
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.train import trainer as trainer_mod
-from mm_megatron.train.testing import tiny_job
+from tests.train_helpers import tiny_job
 
 
 @pytest.fixture(scope="module")

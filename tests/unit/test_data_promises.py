@@ -21,7 +21,7 @@ from mm_megatron.data.llava_json import convert_llava_json
 from mm_megatron.data.shards import ShardMembers, resolve_shards
 from mm_megatron.train import trainer as trainer_mod
 from mm_megatron.train.data_setup import resolve_data
-from mm_megatron.train.testing import tiny_job, write_bad_dataset, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_bad_dataset, write_tiny_dataset
 
 
 def _record(rid: str, image, question: str) -> dict:

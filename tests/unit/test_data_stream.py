@@ -13,7 +13,7 @@ import pytest
 from mm_megatron.data.reader import SampleOrder
 from mm_megatron.data.shards import ShardInfo
 from mm_megatron.train import trainer as trainer_mod
-from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_tiny_dataset
 
 
 def _orders(dp: int, global_batch: int, offset: int = 0, **kw) -> list[SampleOrder]:

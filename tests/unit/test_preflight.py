@@ -23,7 +23,7 @@ import pytest
 from mm_megatron.cli import main
 from mm_megatron.train import preflight
 from mm_megatron.train.preflight import PreflightError
-from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from mm_megatron.checkpoint import model_io
 from mm_megatron.train import checkpointing as ckpt
 from mm_megatron.train import trainer as trainer_mod
 from mm_megatron.train.metrics import read_metrics
-from mm_megatron.train.testing import (
+from tests.train_helpers import (
     BAD_KINDS,
     cli_args,
     kill_session,

@@ -23,7 +23,7 @@ import yaml
 from mm_megatron import cli
 from mm_megatron.infer.samples import heldout_samples
 from mm_megatron.train.run_outputs import resolve_output_paths
-from mm_megatron.train.testing import kill_session, train_subprocess
+from tests.train_helpers import kill_session, train_subprocess
 
 RUN = "runs/debug-tiny"
 

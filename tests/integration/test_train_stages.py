@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mm_megatron.train import trainer as trainer_mod
-from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_tiny_dataset
 
 
 def _params(t) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from mm_megatron.train.metrics import read_metrics
-from mm_megatron.train.testing import kill_session, train_subprocess
+from tests.train_helpers import kill_session, train_subprocess
 
 pytestmark = [pytest.mark.slow, pytest.mark.learning, pytest.mark.timeout(1500)]
 

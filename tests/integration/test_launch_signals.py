@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from mm_megatron.train import checkpointing as ckpt
-from mm_megatron.train.testing import cli_args, kill_session, write_tiny_dataset
+from tests.train_helpers import cli_args, kill_session, write_tiny_dataset
 
 pytestmark = pytest.mark.distributed
 

@@ -11,7 +11,7 @@ import torch
 from mm_megatron.checkpoint import model_io
 from mm_megatron.train import checkpointing as ckpt
 from mm_megatron.train import trainer as trainer_mod
-from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from mm_megatron.train import trainer as trainer_mod
-from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_tiny_dataset
 
 pytest.importorskip("megatron.energon")
 

@@ -8,7 +8,7 @@ count came back as the dummy value, so step 4 after a resume at step 2 differed 
 from __future__ import annotations
 
 from mm_megatron.train import trainer as trainer_mod
-from mm_megatron.train.testing import tiny_job, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_tiny_dataset
 
 
 def test_distributed_optimizer_resume_is_exact(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from mm_megatron.train import trainer as trainer_mod
 from mm_megatron.train.metrics import read_metrics
-from mm_megatron.train.testing import tiny_job, write_bad_dataset, write_tiny_dataset
+from tests.train_helpers import tiny_job, write_bad_dataset, write_tiny_dataset
 
 COUNTERS = ("consumed_samples", "skipped_iterations", "nan_iterations", "bad_samples")
 ITERS = 6
