@@ -18,6 +18,7 @@ signals (the trainer) or kill helper processes (`mm_megatron.runtime.children`).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -40,6 +41,33 @@ _COMM_ERROR_WORDS = (
     "timeout",
     "socket",
 )
+
+
+_SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
+"""A C++ source location as gloo/NCCL prefix their messages with (``[/.../pair.cc:534] ``)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return _SOURCE_LOCATION.sub("", text.splitlines()[0]) if text else type(exc).__name__
+
+
+def _cause(exc: BaseException, limit: int = 160) -> str:
+    """What failed, in one line: the innermost communication error of `exc`'s chain (a failed
+    save wraps the gloo error) after the outer error's start, without C++ source locations; long
+    ones keep head and tail (the tail says what happened: "Connection closed by peer", ...)."""
+    chain, e = [], exc
+    while e is not None and all(e is not seen for seen in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    inner = [e for e in chain[1:] if isinstance(e, RuntimeError) and is_comm_error(e)]
+    text = _first_line(exc)
+    if inner:  # its first sentence: gloo appends advice ("This is likely caused by ...")
+        text = f"{text[:60]}...: {_first_line(inner[-1]).split('. ')[0]}"
+    if len(text) > limit:
+        head = limit // 2
+        text = text[:head] + " ... " + text[-(limit - head - 5) :]
+    return text
 
 
 class PeerFailure(RuntimeError):
@@ -115,9 +143,7 @@ class Heartbeat:
 
     def describe(self, exc: BaseException, step: int, waited_s: float) -> str:
         """The one-line message for a collective that failed at `step`, `waited_s` into it."""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if len(first) > 160:
-            first = first[:157] + "..."
+        first = _cause(exc)
         steps = self.peer_steps()
         behind = [
             f"rank {r} (last started step {s})"

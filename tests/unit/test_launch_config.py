@@ -212,3 +212,35 @@ def test_heartbeat_message_names_the_late_rank():
     assert "ranks behind: rank 2 (last started step 6)" in msg and "rank 1" not in msg
     assert is_comm_error(RuntimeError("[gloo] Connection reset by peer"))
     assert not is_comm_error(ValueError("bad value"))
+
+
+def test_peer_failure_cause_keeps_what_happened():
+    """A long cause (a failed save's path, gloo's C++ source location) keeps its tail."""
+    from mm_megatron.train.heartbeat import _cause
+
+    err = RuntimeError(
+        "saving checkpoint iteration 4 to /tmp/" + "x" * 120 + "/ck failed: RuntimeError: "
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+        "closed by peer [127.0.0.1]:12345"
+    )
+    text = _cause(err)
+    assert len(text) <= 160 and "pair.cc" not in text
+    assert text.startswith("saving checkpoint iteration 4") and "Connection closed by peer" in text
+
+
+def test_peer_failure_cause_digs_out_the_wrapped_comm_error():
+    from mm_megatron.train.heartbeat import _cause
+
+    inner = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed")
+    try:
+        try:
+            raise inner
+        except RuntimeError as e:
+            raise RuntimeError(
+                "saving checkpoint iteration 4 to /tmp/" + "y" * 90 + " failed: RuntimeError: "
+                "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed; removed "
+                ".tmp_iter_0000004; the latest checkpoint stays iteration 2"
+            ) from e
+    except RuntimeError as outer:
+        text = _cause(outer)
+    assert text.startswith("saving checkpoint iteration 4") and text.endswith("Connection closed")
