@@ -25,8 +25,9 @@ class VisionConfig:
     """A ViT image encoder in the style of CLIP or SigLIP."""
 
     style: str = "clip"
-    """``clip`` (class token, patch conv w/o bias, pre-LN, quick_gelu) or ``siglip``
-    (no class token, conv bias, gelu-tanh, post-LN)."""
+    """A registered encoder style (``mm_megatron.model.vision.VISION_ENCODERS``): ``clip``
+    (class token, patch conv w/o bias, pre-LN, quick_gelu) or ``siglip`` (no class token, conv
+    bias, gelu-tanh, post-LN), or one an architecture module adds."""
     image_size: int = 336
     """Square input resolution in pixels."""
     patch_size: int = 14
@@ -91,8 +92,6 @@ class VisionConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
-        if self.style not in ("clip", "siglip"):
-            raise ValueError(f"vision.style must be 'clip' or 'siglip', got {self.style!r}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size={self.image_size} is not a multiple of "
@@ -134,6 +133,15 @@ class ProjectorConfig:
             raise ValueError(
                 f"projector.activation={self.activation!r}; choose one of {PROJECTOR_ACTIVATIONS}"
             )
+
+
+@dataclass
+class TilingConfig:
+    """How the data pipeline cuts one image into encoder tiles (``mm_megatron.data.tiling``)."""
+
+    type: str = "none"
+    """A name in ``mm_megatron.data.tiling.TILERS``; ``none`` makes every image one square tile
+    (``data.image_aspect`` decides how it is squared)."""
 
 
 @dataclass
@@ -218,6 +226,8 @@ class LlavaConfig:
     """The vision -> LM projector."""
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     """The language model."""
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    """How images are cut into encoder tiles."""
     image_token_id: int = 32000
     """Placeholder token id that marks one image in ``input_ids`` (llava-hf: 32000)."""
     freeze_vision: bool = True

@@ -32,9 +32,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from mm_megatron.config.model_config import TilingConfig
 from mm_megatron.data.batch import ImageGeometry
 from mm_megatron.data.config import DataConfig
-from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.loader import DataCounters, MultimodalDataLoader
 from mm_megatron.data.samples import BadSample, Example, SampleProcessor
 from mm_megatron.data.tokenizer import TokenizerInfo, prepare_tokenizer
@@ -197,6 +197,7 @@ def build_energon_loader(
     micro_batch_size: int,
     image_tokens: Callable[[ImageGeometry], int],
     seed: int,
+    tiling: TilingConfig | None = None,
     split: str = "train",
     repeat_val: bool = False,
 ) -> EnergonDataLoader:
@@ -211,6 +212,7 @@ def build_energon_loader(
         dp_size: Size of the data-parallel group.
         micro_batch_size: Rows per batch.
         image_tokens: The model's image-token count for an image of a given geometry.
+        tiling: The model's tiling scheme (`tiling.py`; None: one square tile per image).
         seed: Shuffle seed (energon's `seed_offset`); all ranks pass the same one.
         split: `train` (endless, shuffled, blended by weight) or `val` (in order).
         repeat_val: Read the val split again and again instead of once (the trainer's
@@ -234,16 +236,7 @@ def build_energon_loader(
         if source is None:
             raise ValueError("no tokenizer given and data.tokenizer_path is not set")
         tokenizer = prepare_tokenizer(source, data_config.image_token)
-    processor = SampleProcessor(
-        tokenizer_info=tokenizer,
-        template=data_config.chat_template,
-        image_transform=ImageTransform(
-            data_config.image_size, data_config.image_aspect, data_config.image_norm
-        ),
-        max_seq_len=data_config.max_seq_len,
-        image_tokens=image_tokens,
-        system_prompt=data_config.system_prompt,
-    )
+    processor = SampleProcessor.from_config(data_config, tokenizer, image_tokens, tiling)
     workers = data_config.num_workers
 
     def make_energon() -> Any:

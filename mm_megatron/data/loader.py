@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
+from mm_megatron.config.model_config import TilingConfig
 from mm_megatron.data.batch import ImageGeometry
 from mm_megatron.data.collate import collate_rows
 from mm_megatron.data.config import DataConfig
-from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.packing import KnapsackBatcher
 from mm_megatron.data.reader import ExampleDataset, SampleOrder
 from mm_megatron.data.samples import BadSample, Example, SampleProcessor
@@ -282,6 +282,7 @@ def build_dataloader(
     micro_batch_size: int,
     image_tokens: Callable[[ImageGeometry], int],
     seed: int,
+    tiling: TilingConfig | None = None,
     start_sample: int = 0,
     split: str = "train",
     num_epochs: int | None = None,
@@ -298,6 +299,7 @@ def build_dataloader(
         micro_batch_size: Rows per batch.
         image_tokens: The model's image-token count for an image of a given geometry
             (`mm_megatron.model.image_tokens.ImageTokenCounter`); sizes samples and packing.
+        tiling: The model's tiling scheme (`tiling.py`; None: one square tile per image).
         seed: Shuffle seed; all ranks pass the same one.
         start_sample: Stream position to resume at (`state_dict()["sample_position"]`).
         split: `train` (endless, shuffled if configured) or `val` (one pass, file order).
@@ -326,6 +328,7 @@ def build_dataloader(
             micro_batch_size=micro_batch_size,
             image_tokens=image_tokens,
             seed=seed,
+            tiling=tiling,
             split=split,
             repeat_val=num_epochs is not None and num_epochs > 1,
         )
@@ -347,17 +350,7 @@ def build_dataloader(
         num_epochs=num_epochs if num_epochs is not None else (None if is_train else 1),
         block=block,
     )
-    transform = ImageTransform(
-        data_config.image_size, data_config.image_aspect, data_config.image_norm
-    )
-    processor = SampleProcessor(
-        tokenizer_info=tokenizer,
-        template=data_config.chat_template,
-        image_transform=transform,
-        max_seq_len=data_config.max_seq_len,
-        image_tokens=image_tokens,
-        system_prompt=data_config.system_prompt,
-    )
+    processor = SampleProcessor.from_config(data_config, tokenizer, image_tokens, tiling)
     return MultimodalDataLoader(
         ExampleDataset(order, processor),
         tokenizer,

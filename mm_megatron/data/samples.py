@@ -1,8 +1,10 @@
 """One raw webdataset sample -> a model-ready `Example`, or the reason it is bad.
 
 What this file does: parses the sample's JSON record, tokenizes its conversation with a chat
-template, checks that placeholders match images and that the expanded length fits, then decodes
-and transforms the images (last, so rejected samples cost no decoding). Every failure that is the
+template, checks that placeholders match images and that some token carries a loss (first, so
+such samples cost no decoding), then decodes each image, cuts it into tiles with the model's
+tiling scheme (`tiling.py`), sizes it with the model's `ImageTokenCounter`, and checks that the
+expanded length fits. Every failure that is the
 data's fault raises `BadSampleError` with one of `BAD_REASONS`; the reader turns it into a
 `BadSample` that the loader counts and logs.
 
@@ -18,10 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from mm_megatron.config.model_config import TilingConfig
 from mm_megatron.data.batch import IGNORE_INDEX, ImageGeometry, expanded_length
-from mm_megatron.data.image import ImageDecodeError, ImageTransform
+from mm_megatron.data.config import DataConfig
+from mm_megatron.data.image import ImageDecodeError, ImageTransform, decode_image
 from mm_megatron.data.shards import IMAGE_EXTENSIONS
 from mm_megatron.data.templates import TemplateError, tokenize_conversation
+from mm_megatron.data.tiling import Tiler, build_tiler
 
 BAD_REASONS = (
     "broken_json",
@@ -137,6 +142,42 @@ class SampleProcessor:
     system_prompt: str | None = None
     """System prompt override (None: template default)."""
 
+    tiler: Tiler | None = None
+    """Cuts one image into tiles (`tiling.py`); None: one square tile per image."""
+
+    def __post_init__(self):
+        if self.tiler is None:
+            object.__setattr__(self, "tiler", build_tiler(None, self.image_transform))
+
+    @classmethod
+    def from_config(
+        cls,
+        data_config: DataConfig,
+        tokenizer_info: Any,
+        image_tokens: Callable[[ImageGeometry], int],
+        tiling: TilingConfig | None = None,
+    ) -> SampleProcessor:
+        """The processor of a data config, a prepared tokenizer and the model's image facts.
+
+        Args:
+            data_config: Template, image and length settings.
+            tokenizer_info: A `TokenizerInfo`.
+            image_tokens: The model's `ImageTokenCounter`.
+            tiling: The model's tiling scheme (None: one square tile per image).
+        """
+        transform = ImageTransform(
+            data_config.image_size, data_config.image_aspect, data_config.image_norm
+        )
+        return cls(
+            tokenizer_info=tokenizer_info,
+            template=data_config.chat_template,
+            image_transform=transform,
+            max_seq_len=data_config.max_seq_len,
+            image_tokens=image_tokens,
+            system_prompt=data_config.system_prompt,
+            tiler=build_tiler(tiling, transform),
+        )
+
     def __call__(
         self, available: Collection[str], read: Callable[[str], bytes]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
@@ -169,26 +210,30 @@ class SampleProcessor:
             raise BadSampleError(
                 "placeholder_mismatch", f"{num_placeholders} placeholders for {num_images} images"
             )
-        # One tile per image: the transform squares and resizes to the encoder's size.
-        geometry = ImageGeometry(num_tiles=1)
-        num_tiles = np.full(num_images, geometry.num_tiles, dtype=np.int64)
-        image_tokens = np.full(num_images, self.image_tokens(geometry), dtype=np.int64)
-        total = expanded_length(len(tokens.input_ids), image_tokens.tolist())
-        if total > self.max_seq_len:
-            raise BadSampleError("too_long", f"expanded length {total} > {self.max_seq_len}")
         if all(label == IGNORE_INDEX for label in tokens.labels):
             raise BadSampleError("no_loss_tokens", "no token has a label")
 
-        size = self.image_transform.size
-        pixels = np.empty((num_images, size, size, 3), dtype=np.uint8)  # [n, H, W, 3]
+        tiles: list[np.ndarray] = []  # per image: uint8 [t, H, W, 3]
+        num_tiles = np.zeros(num_images, dtype=np.int64)
+        image_tokens = np.zeros(num_images, dtype=np.int64)
         for i in range(num_images):
             ext = next((f"{i}.{e}" for e in IMAGE_EXTENSIONS if f"{i}.{e}" in available), None)
             if ext is None:
                 raise BadSampleError("missing_image", f"no member for image {i} ({image_names[i]})")
             try:
-                pixels[i] = self.image_transform.pixels(read(ext))
+                tiled = self.tiler(decode_image(read(ext)))
             except ImageDecodeError as e:
                 raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
+            tiles.append(tiled.tiles)
+            num_tiles[i] = tiled.tiles.shape[0]
+            image_tokens[i] = self.image_tokens(tiled.geometry)
+        total = expanded_length(len(tokens.input_ids), image_tokens.tolist())
+        if total > self.max_seq_len:
+            raise BadSampleError("too_long", f"expanded length {total} > {self.max_seq_len}")
+        size = self.image_transform.size
+        pixels = (  # [sum(num_tiles), H, W, 3]
+            np.concatenate(tiles) if tiles else np.zeros((0, size, size, 3), dtype=np.uint8)
+        )
         input_ids = np.asarray(tokens.input_ids, dtype=np.int64)
         labels = np.asarray(tokens.labels, dtype=np.int64)
         return input_ids, labels, pixels, num_tiles, image_tokens, total

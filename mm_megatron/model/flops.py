@@ -33,9 +33,9 @@ PARTS = ("vision", "projector", "lm")
 
 def vision_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
     """Forward FLOPs of the vision encoder over ``num_images`` images (its own statement)."""
-    from mm_megatron.model.vision import VisionEncoder
+    from mm_megatron.model.vision import vision_encoder_class
 
-    return VisionEncoder.forward_flops(cfg.vision, num_images)
+    return vision_encoder_class(cfg.vision.style).forward_flops(cfg.vision, num_images)
 
 
 def projector_forward_flops(cfg: LlavaConfig, num_images: int) -> int:

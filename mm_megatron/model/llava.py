@@ -29,9 +29,9 @@ from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.merge import MergePlan, merge_embeddings, plan_merge, shift_labels
 from mm_megatron.model.projector import build_projector
-from mm_megatron.model.specs import block_spec, lm_layer_spec, vit_layer_spec
+from mm_megatron.model.specs import block_spec, lm_layer_spec
 from mm_megatron.model.transformer_configs import rope_kwargs
-from mm_megatron.model.vision import VisionEncoder
+from mm_megatron.model.vision import build_vision_encoder
 from mm_megatron.parallel.cp_padding import CPPadder, DecoderInputs
 
 
@@ -104,16 +104,7 @@ class LlavaModel(MegatronModule):
         self.vision_model = None
         self.vision_projection = None
         if add_encoder:
-            self.vision_model = VisionEncoder(
-                vision_config,
-                cfg.vision,
-                block_spec(
-                    vit_layer_spec(cfg.vision.spec, padded=self._vit_padded(vision_config)),
-                    cfg.vision.spec,
-                    vision_config,
-                ),
-                pg_collection,
-            )
+            self.vision_model = build_vision_encoder(vision_config, cfg.vision, pg_collection)
             self.vision_projection = build_projector(
                 projector_config, cfg.projector, cfg.vision.hidden_size, pg_collection
             )
@@ -126,10 +117,6 @@ class LlavaModel(MegatronModule):
             cp_rank=cp_rank,
             tp_group=pg_collection.tp if self.sequence_parallel else None,
         )
-
-    def _vit_padded(self, vision_config: TransformerConfig) -> bool:
-        tp = vision_config.tensor_model_parallel_size
-        return vision_config.sequence_parallel and self.cfg.vision.num_positions % tp != 0
 
     # megatron's schedules and DDP call these ------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:

@@ -9,6 +9,12 @@ Two styles (``VisionConfig.style``):
 Only ``VisionConfig.num_layers_built`` layers are built: LLaVA's ``vision_feature_layer=-2``
 reads the penultimate layer's output, so the last layer would be dead weight.
 
+Encoders are found by style: ``@register_vision_encoder("style")`` on a ``MegatronModule``
+subclass that has a ``build(config, vcfg, pg_collection)`` classmethod and a
+``forward_flops(vcfg, num_images)`` staticmethod; :func:`build_vision_encoder` and
+:func:`vision_encoder_class` are what the rest of the package calls (no ``if`` on a style name
+elsewhere). ``clip`` and ``siglip`` are :class:`VisionEncoder`.
+
 This module computes; it never looks up process groups itself (they arrive in ``pg_collection``).
 """
 
@@ -27,8 +33,40 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import VisionConfig
 from mm_megatron.model.norm import LocalNorm
+from mm_megatron.model.specs import block_spec, vit_layer_spec
+
+VISION_ENCODERS: dict[str, type[MegatronModule]] = {}
+"""``VisionConfig.style`` -> encoder class (see the module docstring)."""
 
 
+def register_vision_encoder(*styles: str):
+    """Class decorator adding an encoder class under one or more ``VisionConfig.style`` names."""
+
+    def deco(cls: type[MegatronModule]) -> type[MegatronModule]:
+        for style in styles:
+            if style in VISION_ENCODERS:
+                raise ValueError(f"vision encoder style {style!r} registered twice")
+            VISION_ENCODERS[style] = cls
+        return cls
+
+    return deco
+
+
+def vision_encoder_class(style: str) -> type[MegatronModule]:
+    """The encoder class of ``style`` (ValueError lists the registered styles)."""
+    if style not in VISION_ENCODERS:
+        raise ValueError(f"vision.style={style!r}; choose one of {sorted(VISION_ENCODERS)}")
+    return VISION_ENCODERS[style]
+
+
+def build_vision_encoder(
+    config: TransformerConfig, vcfg: VisionConfig, pg_collection: ProcessGroupCollection
+) -> MegatronModule:
+    """The vision encoder of ``vcfg.style`` (layout already decided in ``config``)."""
+    return vision_encoder_class(vcfg.style).build(config, vcfg, pg_collection)
+
+
+@register_vision_encoder("clip", "siglip")
 class VisionEncoder(MegatronModule):
     """images [N, C, H, W] -> features [N, T, h] (T = ``vcfg.num_output_tokens``).
 
@@ -93,6 +131,16 @@ class VisionEncoder(MegatronModule):
                 self.conv1.bias.zero_()
             if self.vcfg.has_class_token:
                 torch.nn.init.normal_(self.class_token, std=std)
+
+    @classmethod
+    def build(
+        cls, config: TransformerConfig, vcfg: VisionConfig, pg_collection: ProcessGroupCollection
+    ) -> VisionEncoder:
+        """The encoder with its block spec (padded attention when SP must pad the positions)."""
+        tp = config.tensor_model_parallel_size
+        padded = config.sequence_parallel and vcfg.num_positions % tp != 0
+        spec = block_spec(vit_layer_spec(vcfg.spec, padded=padded), vcfg.spec, config)
+        return cls(config, vcfg, spec, pg_collection)
 
     @staticmethod
     def forward_flops(vcfg: VisionConfig, num_images: int = 1) -> int:

@@ -167,6 +167,7 @@ def build_loader(
         micro_batch_size=job.train.micro_batch_size,
         image_tokens=ImageTokenCounter.from_config(job.model),
         seed=job.train.seed,
+        tiling=job.model.tiling,
         split=split,
         num_epochs=None if is_train else 1_000_000,
         block=job.train.global_batch_size // dp_size if is_train else None,

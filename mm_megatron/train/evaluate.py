@@ -177,6 +177,7 @@ def caption_accuracy(trainer) -> dict[str, float]:
         micro_batch_size=max(trainer.job.train.micro_batch_size, 16),
         image_tokens=ImageTokenCounter.from_config(trainer.job.model),
         seed=trainer.job.train.seed,
+        tiling=trainer.job.model.tiling,
         split="val",
     )
     batches = []

@@ -72,3 +72,17 @@ def test_selective_recompute_reaches_the_attention_modules(single_rank):
     assert flags(None) == ({False}, {False})
     with pytest.warns(UserWarning, match="core_attn"):  # megatron's note about fused TE attention
         assert flags(Recompute("selective")) == ({True}, {False})  # the LM only
+
+
+def test_vision_encoders_are_found_by_style():
+    from mm_megatron.model.vision import (
+        VisionEncoder,
+        register_vision_encoder,
+        vision_encoder_class,
+    )
+
+    assert vision_encoder_class("clip") is VisionEncoder is vision_encoder_class("siglip")
+    with pytest.raises(ValueError, match=r"vision.style='nope'; choose one of \['clip', "):
+        vision_encoder_class("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_vision_encoder("clip")(VisionEncoder)
