@@ -243,7 +243,7 @@ def projector_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> fl
     cls = projector_class(cfg.projector.type)
     tokens = cfg.vision.num_output_tokens
     stated = getattr(cls, "activation_elements", None)
-    hv, h_lm = cfg.vision.hidden_size, cfg.lm.hidden_size
+    hv, h_lm = cfg.vision.feature_width, cfg.lm.hidden_size
     if stated is not None:
         per_image = stated(cfg.projector, hv, h_lm, tokens, par.tp)
     else:

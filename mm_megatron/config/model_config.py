@@ -36,9 +36,11 @@ class VisionConfig:
     """Input channels."""
     num_layers: int = 24
     """Layers of the full encoder as published (e.g. 24 for CLIP-L); see ``feature_layer``."""
-    feature_layer: int = -2
+    feature_layer: int | list[int] = -2
     """HF ``vision_feature_layer``: -1 uses the last layer's output; -2 the one before, so the
-    last layer is never built (LLaVA-1.5). Positive values count from the embeddings (0)."""
+    last layer is never built (LLaVA-1.5). Positive values count from the embeddings (0). A list
+    selects several layers, whose features are concatenated (in list order) before the
+    projector, which then sees ``feature_width`` = ``len(list) * hidden_size`` channels."""
     hidden_size: int = 1024
     """Transformer width."""
     ffn_hidden_size: int = 4096
@@ -61,11 +63,22 @@ class VisionConfig:
         return self.style == "clip"
 
     @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """``feature_layer`` as indices into HF's ``hidden_states`` (0 = the embeddings)."""
+        layers = self.feature_layer
+        if not isinstance(layers, list):
+            layers = [layers]
+        return tuple(x + self.num_layers + 1 if x < 0 else x for x in layers)
+
+    @property
     def num_layers_built(self) -> int:
-        """Layers actually built: the ones ``feature_layer`` reads from."""
-        if self.feature_layer < 0:
-            return self.num_layers + 1 + self.feature_layer
-        return self.feature_layer
+        """Layers actually built: up to the deepest one ``feature_layer`` reads from."""
+        return max(self.feature_layers)
+
+    @property
+    def feature_width(self) -> int:
+        """Channels of the features the projector receives (concatenated feature layers)."""
+        return self.hidden_size * len(self.feature_layers)
 
     @property
     def num_patches(self) -> int:
@@ -97,10 +110,17 @@ class VisionConfig:
                 f"vision.image_size={self.image_size} is not a multiple of "
                 f"vision.patch_size={self.patch_size}"
             )
-        if not 1 <= self.num_layers_built <= self.num_layers:
+        if isinstance(self.feature_layer, list) and not self.feature_layer:
+            raise ValueError("vision.feature_layer=[] selects no layer")
+        if not 1 <= self.num_layers_built <= self.num_layers or min(self.feature_layers) < 0:
             raise ValueError(
                 f"vision.feature_layer={self.feature_layer} selects no valid layer of "
                 f"{self.num_layers}"
+            )
+        if isinstance(self.feature_layer, list) and self.apply_post_layernorm:
+            raise ValueError(
+                f"vision.feature_layer={self.feature_layer} (several layers) with the final "
+                "LayerNorm on: set vision.post_layernorm=false (HF applies it to no listed layer)"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(

@@ -287,7 +287,7 @@ def fresh_projector(cfg: LlavaConfig, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     config = projector_transformer_config(cfg, ParallelConfig(), torch.float32)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    hv, h = cfg.vision.hidden_size, cfg.lm.hidden_size
+    hv, h = cfg.vision.feature_width, cfg.lm.hidden_size
     proj = build_projector(config, cfg.projector, hv, pgs)
     tokens = cfg.vision.num_output_tokens
     with torch.no_grad():

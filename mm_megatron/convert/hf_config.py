@@ -5,7 +5,7 @@ projector (``projector_hidden_act`` one of ``PROJECTOR_ACTIVATIONS``: gelu, its 
 quick_gelu, silu, relu) and a Llama / Vicuna / Mistral / Qwen2 language model
 (GQA, Qwen2's qkv bias, RoPE theta, ``linear`` and megatron-compatible ``llama3`` RoPE scaling,
 tied or untied embeddings). Everything else raises :class:`UnsupportedModelError` naming the field,
-e.g. ``yarn`` RoPE scaling, a list ``vision_feature_layer``, another projector activation, Llama's
+e.g. ``yarn`` RoPE scaling, an activation outside that list, Llama's
 ``attention_bias`` (bias on o_proj too) or ``mlp_bias``.
 
 Semantics that matter for exactness (read from transformers 5.23):
@@ -13,7 +13,9 @@ Semantics that matter for exactness (read from transformers 5.23):
 * ``vision_feature_layer`` indexes ``hidden_states`` of the vision tower, where index 0 is the
   embeddings (after CLIP's ``pre_layrnorm``) and index k the output of layer k; the tower's
   ``post_layernorm`` is never applied. So we build ``num_layers + 1 + feature_layer`` layers
-  (negative) or ``feature_layer`` layers (positive) and no post-LayerNorm.
+  (negative) or ``feature_layer`` layers (positive) and no post-LayerNorm. A list of layers
+  builds up to the deepest and concatenates their outputs (``torch.cat(..., dim=-1)``) before
+  the projector, whose ``linear_1`` then takes ``len(list) * hidden_size`` inputs.
 * ``vision_feature_select_strategy="default"`` drops the first token (``[:, 1:]``), ``"full"``
   keeps all. SigLIP has no class token, so "default" would drop a real patch: unsupported.
 * ``tie_word_embeddings`` is read from the top-level config (transformers forwards the text
@@ -196,10 +198,12 @@ def vision_config_to_ours(
             f"{where}hidden_act={vc.hidden_act!r} unsupported for {mtype} "
             f"(expected {_VISION_ACT[style][0]!r})"
         )
-    if not isinstance(feature_layer, int):
+    if isinstance(feature_layer, (list, tuple)):
+        feature_layer = list(feature_layer)
+    if not feature_layer or not all(isinstance(x, int) for x in _as_list(feature_layer)):
         raise UnsupportedModelError(
-            f"config.json vision_feature_layer={feature_layer!r}: a list of layers is "
-            "unsupported (our vision encoder outputs one layer)"
+            f"config.json vision_feature_layer={feature_layer!r}: expected an integer or a "
+            "non-empty list of integers"
         )
     if strategy not in ("default", "full"):
         raise UnsupportedModelError(
@@ -224,12 +228,16 @@ def vision_config_to_ours(
         drop_class_token=strategy == "default",
         post_layernorm=False,  # HF LLaVA reads hidden_states, before post_layernorm
     )
-    if not 1 <= v.num_layers_built <= v.num_layers:
+    if not 1 <= v.num_layers_built <= v.num_layers or min(v.feature_layers) < 0:
         raise UnsupportedModelError(
             f"config.json vision_feature_layer={feature_layer} selects no encoder layer of "
             f"{v.num_layers}"
         )
     return v
+
+
+def _as_list(feature_layer) -> list:
+    return feature_layer if isinstance(feature_layer, list) else [feature_layer]
 
 
 def llava_config_from_hf(
@@ -311,7 +319,8 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
         image_seq_length=image_token_count(cfg),
         projector_hidden_act=cfg.projector.activation,
         vision_feature_select_strategy=strategy,
-        vision_feature_layer=-1,
+        # the tower has exactly the layers we built: the last one, or the listed ones by index
+        vision_feature_layer=list(v.feature_layers) if isinstance(v.feature_layer, list) else -1,
         multimodal_projector_bias=cfg.projector.bias,
         tie_word_embeddings=lm.tie_embeddings,
     )

@@ -213,7 +213,7 @@ def _vision_rules(cfg: LlavaConfig, add) -> None:
 
 def _projector_rules(cfg: LlavaConfig, add) -> None:
     # mlp2x_gelu (the only projector HF LLaVA has): linear_1 [hp, hv], linear_2 [h, hp]
-    h, hv = cfg.lm.hidden_size, cfg.vision.hidden_size
+    h, hv = cfg.lm.hidden_size, cfg.vision.feature_width
     hp = cfg.projector.hidden_size or h
     pr = "model.multi_modal_projector."
     for hf_name, ours, (out, inp) in (

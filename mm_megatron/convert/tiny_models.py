@@ -68,6 +68,7 @@ def tiny_hf_config(variant: str = "llama"):
         text = Qwen2Config(vocab_size=120, rope_theta=1e6, tie_word_embeddings=True, **tkw)
     elif variant == "mistral":
         text = MistralConfig(vocab_size=100, sliding_window=None, **tkw)
+        layer = [-1, 0, -2]  # several feature layers, out of order, the embeddings included
     elif variant == "llama3rope":
         rope = {
             "rope_type": "llama3",

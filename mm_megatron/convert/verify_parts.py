@@ -56,7 +56,8 @@ def hf_references(vision_dir: Path, lm_dir: Path, cfg, seed: int = 0, text_len: 
     with _quiet_transformers():
         vision = cls.from_pretrained(str(vision_dir), **kw).eval()
         out = vision(pixel_values=images, output_hidden_states=True)
-        feats = out.hidden_states[v.feature_layer]  # [N, s, h_v]
+        # [N, s, k * h_v]: the feature layers, concatenated as the model does
+        feats = torch.cat([out.hidden_states[i] for i in v.feature_layers], dim=-1)
         if v.has_class_token and v.drop_class_token:
             feats = feats[:, 1:]
         del vision, out

@@ -45,7 +45,7 @@ def projector_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
     cls = projector_class(cfg.projector.type)
     tokens_in = cfg.vision.num_output_tokens
     per_image = cls.forward_flops(
-        cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size, tokens_in
+        cfg.projector, cfg.vision.feature_width, cfg.lm.hidden_size, tokens_in
     )
     return num_images * per_image
 

@@ -106,7 +106,7 @@ class LlavaModel(MegatronModule):
         if add_encoder:
             self.vision_model = build_vision_encoder(vision_config, cfg.vision, pg_collection)
             self.vision_projection = build_projector(
-                projector_config, cfg.projector, cfg.vision.hidden_size, pg_collection
+                projector_config, cfg.projector, cfg.vision.feature_width, pg_collection
             )
         self.count_image_tokens = ImageTokenCounter.from_config(cfg)
         # Pads to the CP/SP shard factor, splits to this CP rank, scatters to the SP region.

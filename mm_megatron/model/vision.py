@@ -7,7 +7,8 @@ Two styles (``VisionConfig.style``):
 * ``siglip``: no class token, patch conv with bias, learned positions, gelu-tanh, post-LayerNorm.
 
 Only ``VisionConfig.num_layers_built`` layers are built: LLaVA's ``vision_feature_layer=-2``
-reads the penultimate layer's output, so the last layer would be dead weight.
+reads the penultimate layer's output, so the last layer would be dead weight. A list of feature
+layers (HF ``vision_feature_layer=[...]``) concatenates their outputs along the channels.
 
 Encoders are found by style: ``@register_vision_encoder("style")`` on a ``MegatronModule``
 subclass that has a ``build(config, vcfg, pg_collection)`` classmethod and a
@@ -162,25 +163,39 @@ class VisionEncoder(MegatronModule):
         return None
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Transformer layers; under sequence parallel, pad to a multiple of TP, scatter, mask the
-        padding keys, and gather back."""
-        if not self.sequence_parallel or self.tp_size == 1:
-            return self.decoder(hidden_states=x, attention_mask=None)
+        """Transformer layers -> the feature layers, concatenated: [s, N, h] -> [s, N, k * h].
+
+        Several feature layers come from megatron's ``extract_layer_indices`` (one pass).
+        Under sequence parallel: pad to a multiple of TP, scatter, mask the padding keys, and
+        gather every selected layer back.
+        """
+        wanted = self.vcfg.feature_layers  # hidden_states indices, 0 = the embeddings
+        last = self.vcfg.num_layers_built
+        inner = sorted({i for i in wanted if 0 < i < last})  # HF index i = output of layer i-1
+        extract = {i - 1 for i in inner} or None
+        sp = self.sequence_parallel and self.tp_size > 1
         s = x.shape[0]
-        pad = -s % self.tp_size
+        states = {0: x}
         mask = None
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])  # [s + pad, N, h]
-            # megatron convention: True = masked out; [1, 1, 1, s + pad] over keys
-            mask = torch.zeros(1, 1, 1, s + pad, dtype=torch.bool, device=x.device)
-            mask[..., s:] = True
-        x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
-        x = self.decoder(hidden_states=x, attention_mask=mask)  # [(s + pad) / tp, N, h]
-        # Every TP rank continues with the full (identical) sequence: backward takes the slice.
-        x = tensor_parallel.gather_from_sequence_parallel_region(
-            x, tensor_parallel_output_grad=False, group=self.tp_group
-        )
-        return x[:s]
+        if sp:
+            pad = -s % self.tp_size
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])  # [s + pad, N, h]
+                # megatron convention: True = masked out; [1, 1, 1, s + pad] over keys
+                mask = torch.zeros(1, 1, 1, s + pad, dtype=torch.bool, device=x.device)
+                mask[..., s:] = True
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
+        out = self.decoder(hidden_states=x, attention_mask=mask, extract_layer_indices=extract)
+        found = [out] if extract is None else [out[0], *out[1]]
+        for i, t in zip([last, *inner], found):
+            if sp:  # [(s + pad) / tp, N, h] -> [s, N, h]; every TP rank continues with the whole
+                t = tensor_parallel.gather_from_sequence_parallel_region(
+                    t, tensor_parallel_output_grad=False, group=self.tp_group
+                )[:s]
+            states[i] = t
+        if len(wanted) == 1:
+            return states[wanted[0]]
+        return torch.cat([states[i] for i in wanted], dim=-1)  # [s, N, k * h]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
@@ -192,10 +207,10 @@ class VisionEncoder(MegatronModule):
         if self.pre_layernorm is not None:
             x = self.pre_layernorm(x)
         x = x.transpose(0, 1).contiguous()  # [s, N, h]
-        x = self._encode(x)  # [s, N, h]
+        x = self._encode(x)  # [s, N, k * h] (k feature layers, usually 1)
         if self.post_layernorm is not None:
             x = self.post_layernorm(x)
-        x = x.transpose(0, 1)  # [N, s, h]
+        x = x.transpose(0, 1)  # [N, s, k * h]
         if self.vcfg.has_class_token and self.vcfg.drop_class_token:
-            x = x[:, 1:]  # [N, P, h]
+            x = x[:, 1:]  # [N, P, k * h]
         return x.contiguous()

@@ -19,7 +19,7 @@ from tests.distributed.launcher import run_distributed
 pytestmark = pytest.mark.distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
-VARIANTS = ("llama", "qwen2")
+VARIANTS = ("llama", "qwen2", "mistral")  # mistral: a list of vision feature layers
 ATOL = 1e-4
 
 

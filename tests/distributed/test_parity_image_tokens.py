@@ -2,9 +2,11 @@
 -> FLOPs, with layout parity at TP2, TP2+SP, PP2 and CP2 (padded and packed THD rows).
 
 The projector is ``mlp2x_gelu_pool2`` (2x2 average pooling: 16 patches -> 4 embeddings per
-image). The micro-batches come from the real data pipeline (synthetic shards: single-image,
-two-image and text-only samples), which sizes every sample with the model's
-``ImageTokenCounter``; nothing in this test states the count except the hand check below.
+image), fed two vision feature layers concatenated (HF ``vision_feature_layer=[-2, 1]``: twice
+the channels, the intermediate layer gathered back under sequence parallelism too). The
+micro-batches come from the real data pipeline (synthetic shards: single-image, two-image and
+text-only samples), which sizes every sample with the model's ``ImageTokenCounter``; nothing in
+this test states the count except the hand check below.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ CASES = [
 def pooled_config():
     cfg = tiny_config()  # 32 px / 8 px patches: a 4x4 grid, class token dropped
     cfg.projector.type = "mlp2x_gelu_pool2"
+    cfg.vision.feature_layer = [-2, 1]
     return cfg
 
 
@@ -126,8 +129,9 @@ def test_flops_use_the_projector_count(setup):
     f = train_step_flops(cfg, lens, images, training=False)
     v, h = cfg.vision, cfg.lm.hidden_size
     inner = cfg.projector.hidden_size or h
-    assert f.projector == 2 * (v.hidden_size * inner + inner * h) * 4 * images
-    pool = projector_class("mlp2x_gelu_pool2").forward_flops(cfg.projector, v.hidden_size, h, 16)
+    assert v.feature_width == 2 * v.hidden_size
+    assert f.projector == 2 * (v.feature_width * inner + inner * h) * 4 * images
+    pool = projector_class("mlp2x_gelu_pool2").forward_flops(cfg.projector, v.feature_width, h, 16)
     assert f.projector == pool * images
 
 

@@ -124,7 +124,8 @@ def test_config_mapping_llama_and_qwen2():
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda c: setattr(c, "vision_feature_layer", [-2, -5]), "list of layers"),
+        (lambda c: setattr(c, "vision_feature_layer", []), "non-empty list of integers"),
+        (lambda c: setattr(c, "vision_feature_layer", [-2, -9]), r"\[-2, -9\] selects no"),
         (lambda c: setattr(c, "projector_hidden_act", "hardswish"), "projector_hidden_act"),
         (lambda c: setattr(c.text_config, "attention_bias", True), "attention_bias"),
         (lambda c: setattr(c.text_config, "hidden_act", "gelu"), "hidden_act"),

@@ -2,8 +2,9 @@
 
 One module-scoped set of checkpoints covers the input variations: llava-hf's published style
 (legacy keys with ``vision_model.``, sharded, fp32, GQA Llama, vocab padded at TP1), the new key
-spelling in bf16 with a tied, qkv-bias Qwen2 LM, SigLIP with ``full`` feature selection, Mistral,
-and Llama with llama3 RoPE scaling.
+spelling in bf16 with a tied, qkv-bias Qwen2 LM, SigLIP with ``full`` feature selection, Mistral
+with a list of feature layers (concatenated before the projector), and Llama with llama3 RoPE
+scaling.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SETUPS = {
     "mistral": dict(dtype=torch.float32),
     "llama3rope": dict(dtype=torch.float32),
 }
-ROUND_TRIP = ("llama", "qwen2", "siglip")
+ROUND_TRIP = ("llama", "qwen2", "siglip", "mistral")
 
 
 @pytest.fixture(scope="module")
