@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from mm_megatron.config.model_config import TilingConfig
+from mm_megatron.config.registry import Registry
 from mm_megatron.data.batch import ImageGeometry
 from mm_megatron.data.image import ImageTransform
 
@@ -44,28 +45,19 @@ Tiler = Callable[[Image.Image], TiledImage]
 
 TilerFactory = Callable[[TilingConfig, ImageTransform], Tiler]
 
-TILERS: dict[str, TilerFactory] = {}
+TILERS: Registry[TilerFactory] = Registry("model.tiling.type")
 """`TilingConfig.type` -> factory of its tiler."""
 
 
 def register_tiler(name: str) -> Callable[[TilerFactory], TilerFactory]:
     """Decorator adding a tiler factory under `name`."""
-
-    def deco(factory: TilerFactory) -> TilerFactory:
-        if name in TILERS:
-            raise ValueError(f"tiling scheme {name!r} registered twice")
-        TILERS[name] = factory
-        return factory
-
-    return deco
+    return TILERS.register(name)
 
 
 def build_tiler(tiling: TilingConfig | None, transform: ImageTransform) -> Tiler:
     """The tiler of `tiling` (None: `none`); ValueError lists the registered schemes."""
     tiling = tiling or TilingConfig()
-    if tiling.type not in TILERS:
-        raise ValueError(f"model.tiling.type={tiling.type!r}; choose one of {sorted(TILERS)}")
-    return TILERS[tiling.type](tiling, transform)
+    return TILERS.lookup(tiling.type)(tiling, transform)
 
 
 @dataclass(frozen=True)

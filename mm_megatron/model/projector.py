@@ -33,32 +33,21 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import ProjectorConfig
+from mm_megatron.config.registry import Registry
 from mm_megatron.model.specs import projector_linears
 
-PROJECTORS: dict[str, type[Projector]] = {}
+PROJECTORS: Registry[type[Projector]] = Registry("projector.type")
+"""``projector.type`` -> ``Projector`` subclass (the base is checked once the class exists)."""
 
 
 def register_projector(name: str):
     """Class decorator adding a ``Projector`` subclass under ``name``."""
-
-    def deco(cls: type[Projector]) -> type[Projector]:
-        if name in PROJECTORS:
-            raise ValueError(f"projector {name!r} registered twice")
-        if not issubclass(cls, Projector):
-            raise TypeError(f"projector {name!r}: {cls.__name__} is not a Projector subclass")
-        PROJECTORS[name] = cls
-        return cls
-
-    return deco
+    return PROJECTORS.register(name)
 
 
 def projector_class(name: str) -> type[Projector]:
     """The registered class of projector ``name`` (ValueError lists the registered names)."""
-    if name not in PROJECTORS:
-        raise ValueError(
-            f"unknown projector.type {name!r}; registered: {', '.join(sorted(PROJECTORS))}"
-        )
-    return PROJECTORS[name]
+    return PROJECTORS.lookup(name)
 
 
 def build_projector(
@@ -95,6 +84,9 @@ class Projector(MegatronModule):
         """Forward FLOPs for one tile of ``tokens_in`` vision tokens (matmuls only)."""
         tokens = cls.num_output_tokens(pcfg, tokens_in)
         return 2 * cls.matmul_params(pcfg, vision_hidden, lm_hidden) * tokens
+
+
+PROJECTORS.base = Projector  # entries must subclass it
 
 
 @register_projector("mlp2x_gelu")

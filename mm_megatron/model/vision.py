@@ -33,31 +33,22 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import VisionConfig
+from mm_megatron.config.registry import Registry
 from mm_megatron.model.norm import LocalNorm
 from mm_megatron.model.specs import block_spec, vit_layer_spec
 
-VISION_ENCODERS: dict[str, type[MegatronModule]] = {}
+VISION_ENCODERS: Registry[type[MegatronModule]] = Registry("vision.style", MegatronModule)
 """``VisionConfig.style`` -> encoder class (see the module docstring)."""
 
 
 def register_vision_encoder(*styles: str):
     """Class decorator adding an encoder class under one or more ``VisionConfig.style`` names."""
-
-    def deco(cls: type[MegatronModule]) -> type[MegatronModule]:
-        for style in styles:
-            if style in VISION_ENCODERS:
-                raise ValueError(f"vision encoder style {style!r} registered twice")
-            VISION_ENCODERS[style] = cls
-        return cls
-
-    return deco
+    return VISION_ENCODERS.register(*styles)
 
 
 def vision_encoder_class(style: str) -> type[MegatronModule]:
     """The encoder class of ``style`` (ValueError lists the registered styles)."""
-    if style not in VISION_ENCODERS:
-        raise ValueError(f"vision.style={style!r}; choose one of {sorted(VISION_ENCODERS)}")
-    return VISION_ENCODERS[style]
+    return VISION_ENCODERS.lookup(style)
 
 
 def build_vision_encoder(

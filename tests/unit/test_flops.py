@@ -125,7 +125,7 @@ def test_projectors_state_their_own_count():
     cfg.projector.type = "mlp2x_gelu_pool2"
     assert projector_forward_flops(cfg, 3) == 2 * (64 * 64 + 64 * 64) * 4 * 3
     cfg.projector.type = "resampler"
-    with pytest.raises(ValueError, match="unknown projector.type 'resampler'; registered"):
+    with pytest.raises(ValueError, match="projector.type='resampler'; choose one of"):
         projector_forward_flops(cfg, 1)
 
 

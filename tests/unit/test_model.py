@@ -118,7 +118,9 @@ def test_siglip_linear_qwen2_variant(single_rank):
 def test_unknown_projector_lists_registered(single_rank):
     cfg = get_preset("debug-tiny")
     cfg.projector.type = "qformer?"
-    with pytest.raises(ValueError, match="registered: linear, mlp2x_gelu, mlp2x_gelu_pool2"):
+    with pytest.raises(
+        ValueError, match=r"choose one of \['linear', 'mlp2x_gelu', 'mlp2x_gelu_pool2'"
+    ):
         build_llava_model(cfg)
 
 
