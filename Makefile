@@ -18,7 +18,7 @@ format:
 	$(PY) -m ruff check --fix .
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow" tests/unit

@@ -3,8 +3,9 @@
 ``run_world(fn, world_size, *args)`` spawns ``world_size`` processes; each one activates the CPU
 runtime, joins a gloo group through a file store, calls ``fn(rank, world_size, *args)`` and sends
 back its (picklable) result. Results come back ordered by rank. An exception in any rank raises
-`WorldError` in the caller with that rank's traceback; a hang is cut off after ``timeout``
-seconds. Process groups are always destroyed.
+`WorldError` in the caller with that rank's traceback; a rank that dies without reporting
+(killed, out of memory, a crash in C++) is noticed within seconds and named with its exit code or
+signal; a hang is cut off after ``timeout`` seconds. Process groups are always destroyed.
 
 Users: ``convert verify --tp/--pp`` and the distributed test tier
 (``tests/distributed/launcher.py``). Uses the ``spawn`` start method, so callers' module-level
@@ -17,7 +18,11 @@ import io
 import os
 import queue as queue_mod
 import tempfile
+import time
 import traceback
+
+POLL_S = 1.0
+"""How often the parent checks for ranks that died without reporting."""
 
 
 class WorldError(RuntimeError):
@@ -61,6 +66,45 @@ def _worker(rank, world_size, init_file, fn, args, queue):
             pass
 
 
+def _exit_text(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def _dead_or_late(procs, results, queue, deadline: float, timeout: float):
+    """After an empty poll: an error text if a rank died without reporting or time is up, a
+    late report ``(rank, ok, payload)`` if one was still in the pipe, else None."""
+    dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+    if dead:
+        try:  # a rank's report is written before it exits; give the pipe a moment
+            return queue.get(timeout=2.0)
+        except queue_mod.Empty:
+            pass
+        gone = ", ".join(f"rank {r} ({_exit_text(procs[r].exitcode)})" for r in dead)
+        return f"{gone} died before reporting a result (out of memory or a crash in C++?)"
+    if time.monotonic() > deadline:
+        alive = [r for r, p in enumerate(procs) if r not in results and p.is_alive()]
+        return f"distributed run timed out after {timeout}s; ranks {alive} still running"
+    return None
+
+
+def _died_first(procs, results, failed: int) -> str:
+    """A peer that died silently is the cause of the others' communication errors: name it."""
+    end = time.monotonic() + 2.0
+    while True:
+        dead = [
+            r
+            for r, p in enumerate(procs)
+            if r != failed and r not in results and p.exitcode not in (None, 0)
+        ]
+        if dead or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    if not dead:
+        return ""
+    gone = ", ".join(f"rank {r} ({_exit_text(procs[r].exitcode)})" for r in dead)
+    return f"{gone} died before reporting a result; then "
+
+
 def run_world(fn, world_size: int, *args, timeout: float = 900.0) -> list:
     """``[fn(0, ws, *args), ..., fn(ws-1, ws, *args)]`` computed on ``world_size`` processes."""
     import torch
@@ -78,18 +122,21 @@ def run_world(fn, world_size: int, *args, timeout: float = 900.0) -> list:
             p.start()
         results: dict[int, object] = {}
         error = None
+        deadline = time.monotonic() + timeout
         try:
-            for _ in range(world_size):
-                rank, ok, payload = queue.get(timeout=timeout)
+            while len(results) < world_size and error is None:
+                try:
+                    rank, ok, payload = queue.get(timeout=POLL_S)
+                except queue_mod.Empty:
+                    error = _dead_or_late(procs, results, queue, deadline, timeout)
+                    if isinstance(error, tuple):  # a last report was still in the pipe
+                        (rank, ok, payload), error = error, None
+                    else:
+                        continue
                 if not ok:
-                    error = f"rank {rank} failed:\n{payload}"
+                    error = _died_first(procs, results, rank) + f"rank {rank} failed:\n{payload}"
                     break
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-        except queue_mod.Empty:
-            dead = [
-                f"rank {r} exit code {p.exitcode}" for r, p in enumerate(procs) if not p.is_alive()
-            ]
-            error = f"distributed run timed out after {timeout}s; {', '.join(dead) or 'all alive'}"
         finally:
             for p in procs:
                 p.join(timeout=5 if error else 60)
