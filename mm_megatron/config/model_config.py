@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mm_megatron.config.fields import from_dict
+from mm_megatron.config.qformer_config import QFormerConfig
 
 SPECS = ("local", "te")
 
@@ -145,10 +146,18 @@ class ProjectorConfig:
     activation: str = "gelu"
     """Activation between the MLP's two layers, an HF ``projector_hidden_act`` name (one of
     ``PROJECTOR_ACTIVATIONS``; ``gelu`` is LLaVA-1.5's)."""
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    """Shape of the ``qformer`` connector (BLIP-2 / MiniGPT-4); read only by that type."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
         _check_spec("projector.spec", self.spec)
+        self.qformer.validate()
+        if self.qformer.activation not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(
+                f"projector.qformer.activation={self.qformer.activation!r}; choose one of "
+                f"{PROJECTOR_ACTIVATIONS}"
+            )
         if self.activation not in PROJECTOR_ACTIVATIONS:
             raise ValueError(
                 f"projector.activation={self.activation!r}; choose one of {PROJECTOR_ACTIVATIONS}"

@@ -187,3 +187,7 @@ def ref_1_4b() -> LlavaConfig:
         projector=ProjectorConfig(type="mlp2x_gelu"),
         lm=lm,
     )
+
+
+# Preset families in their own files register themselves on import.
+from mm_megatron.config import presets_blip2  # noqa: E402, F401

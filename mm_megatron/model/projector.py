@@ -168,3 +168,7 @@ class PooledMLPProjector(MLPProjector):
         grid = x.reshape(n, side // 2, 2, side // 2, 2, h)  # [N, g/2, 2, g/2, 2, h_v]
         pooled = grid.mean(dim=(2, 4)).reshape(n, t // 4, h)  # [N, T/4, h_v]
         return super().forward(pooled)
+
+
+# Connectors in their own files register themselves on import.
+from mm_megatron.model import projector_qformer  # noqa: E402, F401
