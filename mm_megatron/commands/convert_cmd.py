@@ -7,6 +7,8 @@ The library is ``mm_megatron.convert``; this file only parses arguments. Example
     mm-megatron convert verify --hf llava-1.5-7b-hf --ckpt ckpt/llava7b --tp 2 --pp 2
     mm-megatron convert assemble --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
         --out ckpt/llava7b-init --preset llava-1.5-7b --dtype bf16
+    mm-megatron convert assemble --vision clip-vit-g-14 --lm vicuna-7b-v1.1 --preset minigpt4 \
+        --qformer-from blip2-opt-2.7b --out ckpt/minigpt4-init
     mm-megatron convert verify-parts --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
         --ckpt ckpt/llava7b-init --tp 2 --pp 2
     mm-megatron convert mcore-to-hf --ckpt runs/stage2/checkpoints --out parts --parts
@@ -155,6 +157,13 @@ def _register_assemble(csub) -> None:
         metavar="N",
         help="megatron pads the vocab to a multiple of this x TP (default: the preset's, else 64)",
     )
+    a.add_argument(
+        "--qformer-from",
+        default=None,
+        metavar="DIR",
+        help="BLIP-2/InstructBLIP checkpoint: its Q-Former + query tokens (+ language_projection "
+        "when the widths match) become a 'qformer' projector (MiniGPT-4's init)",
+    )
     a.add_argument("--force", action="store_true", help="replace an existing --out")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_assemble)
@@ -209,6 +218,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         force=args.force,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        qformer_from=args.qformer_from,
         progress=not args.quiet,
     )
     print(f"wrote {out}")
@@ -271,6 +281,7 @@ def _assemble(args: argparse.Namespace) -> int:
         seed=args.seed,
         force=args.force,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        qformer_from=args.qformer_from,
         progress=not args.quiet,
     )
     print(f"wrote {out}")

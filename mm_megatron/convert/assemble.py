@@ -72,6 +72,7 @@ from mm_megatron.convert.parts import (
     read_vision_part,
     tokenizer_with_placeholders,
 )
+from mm_megatron.convert.qformer import init_qformer, use_hf_qformer
 from mm_megatron.model.image_tokens import image_token_count
 
 SOURCE_KIND = "hf-parts"
@@ -332,6 +333,7 @@ def assemble(
     seed: int = 1234,
     force: bool = False,
     make_vocab_size_divisible_by: int | None = None,
+    qformer_from: Path | None = None,
     progress: bool = True,
     log=print,
 ) -> Path:
@@ -352,6 +354,8 @@ def assemble(
         force: replace an existing ``out_dir``.
         make_vocab_size_divisible_by: megatron vocab padding multiple (x TP); default the
             preset's, else 64.
+        qformer_from: a BLIP-2 / InstructBLIP checkpoint whose Q-Former (+ query tokens, +
+            language projection when the widths match) becomes the ``qformer`` projector.
         progress: show a tqdm bar.
         log: where to print one-line notes.
 
@@ -359,7 +363,8 @@ def assemble(
         ``out_dir``.
     """
     vision_dir, lm_dir, out_dir = Path(vision_dir), Path(lm_dir), Path(out_dir)
-    check_output(out_dir, force, (vision_dir, lm_dir))  # fail before any work
+    inputs = (vision_dir, lm_dir) + ((Path(qformer_from),) if qformer_from else ())
+    check_output(out_dir, force, inputs)  # fail before any work
     requested = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
     vision, lm = read_vision_part(vision_dir), read_lm_part(lm_dir)
     tokenizer, info, added = tokenizer_with_placeholders(lm, image_token)
@@ -375,6 +380,7 @@ def assemble(
         preset=preset,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
     )
+    qformer = use_hf_qformer(cfg, qformer_from) if qformer_from else None
     for note in notes:
         log(f"note: {note}")
     vision_ck = HFCheckpoint(vision_dir, lambda k: VisionPartNaming.detect(k, vision.composite))
@@ -399,11 +405,16 @@ def assemble(
         "added_tokens": added,
         "projector_seed": seed,
         "notes": notes,
+        **({"qformer_from": str(Path(qformer_from).absolute())} if qformer_from else {}),
     }
     if vision_ck.dropped:
         log(f"note: {len(vision_ck.dropped)} tensors of {vision.cls}'s text half not used")
-    with atomic_output(out_dir, force, inputs=(vision_dir, lm_dir)) as tmp, single_rank():
+    with atomic_output(out_dir, force, inputs=inputs) as tmp, single_rank():
         fixed = fresh_projector(cfg, seed)
+        if qformer is not None:
+            fixed, qnotes = init_qformer(fixed, qformer, prefix="vision_projection.")
+            for note in qnotes:
+                log(f"note: {note}")
         write_weights(tmp, src, cfg, rules, store_dtype, fixed=fixed, progress=progress)
         write_passthrough(src, passthrough, tmp / model_io.PASSTHROUGH, spelling.to_file)
         _write_hf_files(tmp / model_io.HF_FILES, cfg, vision, lm, tokenizer, source)

@@ -228,3 +228,25 @@ def init_qformer(
             )
         out[full] = src.to(t.dtype).clone()
     return out, notes
+
+
+def use_hf_qformer(cfg, hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Make ``cfg``'s projector the Q-Former of ``hf_dir`` and return its tensors (our names).
+
+    Raises:
+        ConversionError: the Q-Former cross-attends to another width than ``cfg``'s vision
+            encoder gives, or the checkpoint is not a BLIP-2 / InstructBLIP.
+    """
+    qcfg, width, tensors = read_hf_qformer(hf_dir)
+    if width != cfg.vision.hidden_size:
+        raise ConversionError(
+            f"{Path(hf_dir) / 'config.json'} qformer_config.encoder_hidden_size={width}, but the "
+            f"vision encoder's hidden_size is {cfg.vision.hidden_size}"
+        )
+    cfg.projector.type = "qformer"
+    cfg.projector.qformer = qcfg
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UnsupportedModelError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
+    return tensors

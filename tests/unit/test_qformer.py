@@ -44,7 +44,7 @@ TEXT = dict(
 )
 
 
-def hf_model(kind: str):
+def hf_model(kind: str, encoder_width: int = 24, lm_width: int = 40):
     """A tiny random BLIP-2 / InstructBLIP (non-trivial norms and biases), fp32, eval mode."""
     import transformers as tf
 
@@ -53,7 +53,10 @@ def hf_model(kind: str):
         "instructblip": (tf.InstructBlipConfig, tf.InstructBlipForConditionalGeneration),
     }[kind]
     config = cfg_cls(
-        vision_config=VISION, qformer_config=QFORMER, text_config=TEXT, num_query_tokens=6
+        vision_config=dict(VISION, hidden_size=encoder_width),
+        qformer_config=dict(QFORMER, encoder_hidden_size=encoder_width),
+        text_config=dict(TEXT, hidden_size=lm_width),
+        num_query_tokens=6,
     )
     # two attention implementations: transformers' own matmuls (eager) and SDPA
     config._attn_implementation = "eager" if kind == "instructblip" else "sdpa"
