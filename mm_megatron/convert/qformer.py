@@ -238,10 +238,10 @@ def use_hf_qformer(cfg, hf_dir: Path) -> dict[str, torch.Tensor]:
             encoder gives, or the checkpoint is not a BLIP-2 / InstructBLIP.
     """
     qcfg, width, tensors = read_hf_qformer(hf_dir)
-    if width != cfg.vision.hidden_size:
+    if width != cfg.vision.feature_width:
         raise ConversionError(
             f"{Path(hf_dir) / 'config.json'} qformer_config.encoder_hidden_size={width}, but the "
-            f"vision encoder's hidden_size is {cfg.vision.hidden_size}"
+            f"vision encoder gives features of width {cfg.vision.feature_width}"
         )
     cfg.projector.type = "qformer"
     cfg.projector.qformer = qcfg

@@ -80,5 +80,5 @@ def test_assembled_qformer_matches_transformers_at_tp1_and_tp2(tmp_path, capsys)
     bad = _asm(tmp_path, "--out", str(tmp_path / "x"), "--qformer-from", str(tmp_path / "blip2-24"))
     assert main(bad) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "encoder_hidden_size=24" in line and "hidden_size is 32" in line, line
+    assert "encoder_hidden_size=24" in line and "features of width 32" in line, line
     assert not (tmp_path / "x").exists()

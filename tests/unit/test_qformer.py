@@ -179,13 +179,13 @@ def test_flops_match_a_flop_counter(single_rank):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    proj = build_projector(config, cfg.projector, v.hidden_size, pgs)
+    proj = build_projector(config, cfg.projector, v.feature_width, pgs)
     tokens = v.num_output_tokens
     # the math backend runs attention as matmuls, which the counter sees (the CPU kernel not)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        proj(torch.randn(5, tokens, v.hidden_size))
+        proj(torch.randn(5, tokens, v.feature_width))
     stated = projector_class("qformer").forward_flops(
-        cfg.projector, v.hidden_size, cfg.lm.hidden_size, tokens
+        cfg.projector, v.feature_width, cfg.lm.hidden_size, tokens
     )
     assert counter.get_total_flops() == 5 * stated
 
