@@ -210,6 +210,27 @@ class QFormerProjector(Projector):
         attn = q.num_layers * 4 * n * n * h + q.num_cross_layers * 4 * n * tokens_in * h
         return linear + kv + attn
 
+    @classmethod
+    def activation_elements(cls, pcfg, vision_hidden, lm_hidden, tokens_in, tp):
+        """Elements one image's forward keeps for backward (the planner's estimate).
+
+        The image features ``T h_v`` (the cross-attention K/V input) and the queries' LayerNorm
+        and projection inputs ``2 Q h``; per attention block over ``kv`` keys: its input and
+        LayerNorm input ``2 Q h``, q/k/v ``(Q + 2 kv) h / t``, the attention output ``Q h / t``
+        and log-sum-exp ``Q nh / t``; per MLP: input and LayerNorm input ``2 Q h`` plus the
+        fc1 output and activation ``2 Q f / t``.
+        """
+        q = pcfg.qformer
+        n, h, f, t = q.num_query_tokens, q.hidden_size, q.intermediate_size, tp
+        nh = q.num_attention_heads
+
+        def attention(kv: int) -> float:
+            return 2 * n * h + (n + 2 * kv) * h / t + n * h / t + n * nh / t
+
+        mlp = 2 * n * h + 2 * n * f / t
+        layers = q.num_layers * (attention(n) + mlp) + q.num_cross_layers * attention(tokens_in)
+        return tokens_in * vision_hidden + 2 * n * h + layers
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image = x.transpose(0, 1)  # [N, T, h_v] -> [T, N, h_v]
         n = image.shape[1]

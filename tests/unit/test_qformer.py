@@ -244,3 +244,34 @@ def test_tp_divisibility_is_one_line(single_rank):
     cfg.projector.qformer.num_attention_heads = 4
     with pytest.raises(ValueError, match=r"hidden_size=33 not divisible by .*heads=4"):
         cfg.validate()
+
+
+def test_planner_activation_estimate_is_close_to_what_autograd_saves(single_rank):
+    """The class's ``activation_elements`` against the tensors autograd keeps (TP1, fp32):
+    within 35% (the estimate ignores per-row LayerNorm statistics and views it cannot see)."""
+    cfg = get_preset("minigpt4")
+    q = cfg.projector.qformer
+    q.num_layers, q.hidden_size, q.intermediate_size, q.num_attention_heads = 4, 64, 256, 4
+    hv, h_lm, tokens = 48, 96, 50
+    cfg.lm.hidden_size = h_lm
+    config = projector_transformer_config(cfg, ParallelConfig())
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    proj = build_projector(
+        config, cfg.projector, hv, ProcessGroupCollection.use_mpu_process_groups()
+    )
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        seen[key] = t.numel()
+        return t
+
+    x = torch.randn(3, tokens, hv, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in proj.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        proj(x)
+    saved = sum(n for (ptr, _, _), n in seen.items() if ptr not in params)
+    stated = 3 * projector_class("qformer").activation_elements(cfg.projector, hv, h_lm, tokens, 1)
+    print(f"saved {saved}, stated {stated:.0f}")
+    assert 0.65 * saved <= stated <= 1.35 * saved
