@@ -8,7 +8,7 @@ The library is ``mm_megatron.convert``; this file only parses arguments. Example
     mm-megatron convert assemble --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
         --out ckpt/llava7b-init --preset llava-1.5-7b --dtype bf16
     mm-megatron convert assemble --vision CLIP-ViT-g-14-laion2B-s12B-b42K --lm vicuna-7b-v1.5 \
-        --qformer-from instructblip-vicuna-7b --vision-feature-layer -1 --out ckpt/qformer-init
+        --qformer-from instructblip-vicuna-7b --out ckpt/qformer-init
     mm-megatron convert verify-parts --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
         --ckpt ckpt/llava7b-init --tp 2 --pp 2
     mm-megatron convert mcore-to-hf --ckpt runs/stage2/checkpoints --out parts --parts
