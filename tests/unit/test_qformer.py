@@ -275,3 +275,18 @@ def test_planner_activation_estimate_is_close_to_what_autograd_saves(single_rank
     stated = 3 * projector_class("qformer").activation_elements(cfg.projector, hv, h_lm, tokens, 1)
     print(f"saved {saved}, stated {stated:.0f}")
     assert 0.65 * saved <= stated <= 1.35 * saved
+
+
+def test_minigpt4_projector_parameters_hand_count(single_rank):
+    from mm_megatron.model.summary import collect_params
+
+    h, f, hv, lm = 768, 3072, 1408, 4096
+    attn = lambda kv: (h * h + h) + 2 * (kv * h + h) + (h * h + h) + 2 * h  # noqa: E731
+    mlp = (h * f + f) + (f * h + h) + 2 * h
+    hand = 12 * (attn(h) + mlp) + 6 * attn(hv) + 32 * h + 2 * h + (h * lm + lm)
+    params = collect_params(get_preset("minigpt4"))
+    proj = [p for p in params if p.name.startswith("vision_projection.")]
+    assert sum(p.numel for p in proj) == hand == 108_312_064
+    split = {p.name.split(".", 1)[1] for p in proj if p.tp_split}
+    assert "layers.0.crossattention.key.weight" in split and "language_projection.weight" in split
+    assert not any("layernorm" in n or n == "query_tokens" for n in split)
