@@ -218,7 +218,6 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         force=args.force,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        qformer_from=args.qformer_from,
         progress=not args.quiet,
     )
     print(f"wrote {out}")
