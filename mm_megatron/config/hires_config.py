@@ -4,8 +4,8 @@ MGM (Li et al. 2024, "Mini-Gemini: Mining the Potential of Multi-modality Vision
 Models", github.com/dvlab-research/MGM) feeds the language model the low-resolution CLIP tokens,
 each refined by attending to the ConvNeXt features of its own sub-region of a high-resolution
 copy of the image ("patch-info mining"). :class:`HighResConfig` describes that second encoder and
-the low-resolution grid; ``LlavaConfig.hires`` holds it, and ``type="none"`` (the default) means a
-plain single-encoder model.
+the low-resolution grid; ``VisionConfig.hires`` holds it (with ``vision.style="mgm"``), and
+``type="none"`` (the default) means a plain single-encoder model.
 
 What this file does not do: build anything (``mm_megatron/model/mgm.py`` does), or know the
 parallel layout.
@@ -48,6 +48,8 @@ class HighResConfig:
     global_image: bool = False
     """With ``grid > 1``, also encode the whole image at low resolution (MGM-HD: 5 x 576
     tokens, the global image's first)."""
+    vit_style: str = "clip"
+    """Style of the low-resolution ViT (``clip``: MGM's CLIP-L/14; ``siglip``)."""
 
     @property
     def enabled(self) -> bool:
@@ -75,29 +77,29 @@ class HighResConfig:
             low_res_grid: the ViT's patch grid side (``vision.image_size // patch_size``).
         """
         if self.type not in HIRES_TYPES:
-            raise ValueError(f"hires.type must be one of {HIRES_TYPES}, got {self.type!r}")
+            raise ValueError(f"vision.hires.type must be one of {HIRES_TYPES}, got {self.type!r}")
         if not self.enabled:
             return
         if len(self.depths) != len(self.dims) or not self.dims:
             raise ValueError(
-                f"hires.depths {self.depths} and hires.dims {self.dims} must be non-empty lists "
-                "of the same length (one entry per ConvNeXt stage)"
+                f"vision.hires.depths {self.depths} and vision.hires.dims {self.dims} must be "
+                "non-empty lists of the same length (one entry per ConvNeXt stage)"
             )
         if self.grid < 1:
-            raise ValueError(f"hires.grid must be >= 1, got {self.grid}")
+            raise ValueError(f"vision.hires.grid must be >= 1, got {self.grid}")
         stride = self.patch_size * 2 ** (len(self.dims) - 1)
         if self.image_size % stride:
             raise ValueError(
-                f"hires.image_size={self.image_size} is not a multiple of the ConvNeXt's total "
-                f"stride {stride} (patch_size {self.patch_size} x 2 per later stage)"
+                f"vision.hires.image_size={self.image_size} is not a multiple of the ConvNeXt's "
+                f"total stride {stride} (patch_size {self.patch_size} x 2 per later stage)"
             )
         side = self.map_size()
         cells = low_res_grid * self.grid
         if side % cells:
             raise ValueError(
-                f"hires.image_size={self.image_size} gives a {side}x{side} feature map, not "
+                f"vision.hires.image_size={self.image_size} gives a {side}x{side} feature map, not "
                 f"divisible into {cells}x{cells} sub-regions (vision grid {low_res_grid} x "
-                f"hires.grid {self.grid}); use a multiple of {cells * self.patch_size}"
+                f"vision.hires.grid {self.grid}); use a multiple of {cells * self.patch_size}"
             )
         if self.global_image and self.grid == 1:
-            raise ValueError("hires.global_image=true needs hires.grid > 1 (MGM-HD)")
+            raise ValueError("vision.hires.global_image=true needs vision.hires.grid > 1 (MGM-HD)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mm_megatron.config.fields import from_dict
+from mm_megatron.config.hires_config import HighResConfig
 from mm_megatron.config.qformer_config import QFormerConfig
 
 SPECS = ("local", "te")
@@ -57,11 +58,25 @@ class VisionConfig:
     CLIP: no). HF LLaVA reads hidden states before it, so converters set False."""
     spec: str = "local"
     """``local`` (PyTorch + our SDPA attention) or ``te`` (Transformer Engine)."""
+    hires: HighResConfig = field(default_factory=HighResConfig)
+    """A high-resolution second tower (MGM's ConvNeXt, ``style="mgm"``); ``type="none"``
+    otherwise. The fields above then describe its low-resolution ViT."""
+
+    @property
+    def vit_style(self) -> str:
+        """Style of the transformer itself: ``style``, or a dual encoder's ``hires.vit_style``."""
+        return self.hires.vit_style if self.hires.enabled else self.style
+
+    @property
+    def input_image_size(self) -> int:
+        """Square size of the images the data pipeline delivers (a dual encoder's high
+        resolution; the model derives the ViT's ``image_size`` from it)."""
+        return self.hires.image_size if self.hires.enabled else self.image_size
 
     @property
     def has_class_token(self) -> bool:
         """CLIP prepends a learned class token; SigLIP does not."""
-        return self.style == "clip"
+        return self.vit_style == "clip"
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -93,15 +108,17 @@ class VisionConfig:
 
     @property
     def num_output_tokens(self) -> int:
-        """Tokens per image the encoder hands to the projector."""
+        """Tokens per image the encoder hands to the projector (a dual encoder's low-resolution
+        crops each give a ViT pass's tokens)."""
         keep_cls = self.has_class_token and not self.drop_class_token
-        return self.num_patches + (1 if keep_cls else 0)
+        passes = self.hires.low_res_images if self.hires.enabled else 1
+        return passes * (self.num_patches + (1 if keep_cls else 0))
 
     @property
     def apply_post_layernorm(self) -> bool:
         """Whether the final LayerNorm runs."""
         if self.post_layernorm is None:
-            return self.style == "siglip"
+            return self.vit_style == "siglip"
         return self.post_layernorm
 
     def validate(self) -> None:
@@ -129,6 +146,7 @@ class VisionConfig:
                 f"vision.num_attention_heads={self.num_attention_heads}"
             )
         _check_spec("vision.spec", self.spec)
+        self.hires.validate(self.image_size // self.patch_size)
 
 
 @dataclass

@@ -36,6 +36,10 @@ def freeze(model: LlavaModel, *, vision: bool, projector: bool, lm: bool) -> Non
             continue
         for p in module.parameters():
             p.requires_grad_(not frozen)
+    # An encoder's connector parts (MGM's patch-info mining) freeze with the projector.
+    for module in model.vision_model.connector_modules() if model.vision_model else []:
+        for p in module.parameters():
+            p.requires_grad_(not projector)
 
 
 def _group_rank(group, size: int) -> int:

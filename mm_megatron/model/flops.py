@@ -41,13 +41,16 @@ def vision_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
 def projector_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
     """Forward FLOPs of the projector over ``num_images`` images (its registered class's count)."""
     from mm_megatron.model.projector import projector_class
+    from mm_megatron.model.vision import vision_encoder_class
 
     cls = projector_class(cfg.projector.type)
     tokens_in = cfg.vision.num_output_tokens
     per_image = cls.forward_flops(
         cfg.projector, cfg.vision.feature_width, cfg.lm.hidden_size, tokens_in
     )
-    return num_images * per_image
+    # an encoder's connector parts (MGM's mining) train with the projector
+    connector = vision_encoder_class(cfg.vision.style).connector_forward_flops
+    return num_images * per_image + connector(cfg.vision, num_images)
 
 
 def lm_forward_flops(cfg: LlavaConfig, seq_lens: Sequence[int], vocab: int | None = None) -> int:

@@ -178,8 +178,8 @@ class LlavaModel(MegatronModule):
             dummy = torch.zeros(
                 1,
                 v.num_channels,
-                v.image_size,
-                v.image_size,
+                v.input_image_size,
+                v.input_image_size,
                 dtype=self.vision_model.config.params_dtype,
                 device=merged.device,
             )

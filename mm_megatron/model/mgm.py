@@ -33,20 +33,19 @@ usual), pipeline placement or freezing (``model/build.py``; the mining trains wi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.hires_config import HighResConfig
 from mm_megatron.config.model_config import VisionConfig
 from mm_megatron.model.convnext import ConvNeXt
-from mm_megatron.model.vision import VisionEncoder
+from mm_megatron.model.vision import VisionEncoder, register_vision_encoder
 
 
 def _norm_linear(cin: int, cout: int, eps: float, dtype: torch.dtype) -> torch.nn.Sequential:
@@ -108,40 +107,59 @@ class PatchInfoMining(torch.nn.Module):
 
     @staticmethod
     def forward_flops(hidden: int, aux_channels: int, tokens: int, pixels: int) -> int:
-        """FLOPs of ``tokens`` queries over ``pixels`` map features (each read by one query):
-        query ``2 T C^2``, key and value ``2 * 2 S^2 C_aux C``, ``QK^T`` and ``AV`` ``2 * 2 S^2 C``."""
-        return 2 * tokens * hidden * hidden + 4 * pixels * aux_channels * hidden + 4 * pixels * hidden
+        """FLOPs of ``tokens`` queries over ``pixels`` map features (each read by one query).
+
+        Query ``2 T C^2``, key and value ``2 * 2 S^2 C_aux C``, ``QK^T`` and ``AV``
+        ``2 * 2 S^2 C`` (S^2 = ``pixels``)."""
+        return (
+            2 * tokens * hidden * hidden + 4 * pixels * aux_channels * hidden + 4 * pixels * hidden
+        )
 
 
+@register_vision_encoder("mgm")
 class MGMDualEncoder(MegatronModule):
     """high-resolution images [N, 3, R, R] -> mined low-resolution features [N, L * T, C].
 
+    ``vcfg`` describes the low-resolution ViT (CLIP-L/14 at 336 in MGM; its own style is
+    ``vcfg.hires.vit_style``) and ``vcfg.hires`` the ConvNeXt, grid and global image.
+
     Args:
         config: the ViT's TransformerConfig.
-        vcfg: the low-resolution ViT (CLIP-L/14 at 336 in MGM).
-        hcfg: the high-resolution ConvNeXt, grid and global image.
-        layer_spec: the ViT's block spec.
+        vcfg: the vision config (``style="mgm"``, ``hires.type="convnext"``).
         pg_collection: process groups (TP for the ViT).
-        init_std: init std of the ConvNeXt and mining weights.
     """
 
     def __init__(
         self,
         config: TransformerConfig,
         vcfg: VisionConfig,
-        hcfg: HighResConfig,
-        layer_spec: ModuleSpec | TransformerBlockSubmodules,
         pg_collection: ProcessGroupCollection,
-        init_std: float = 0.02,
     ):
         super().__init__(config=config)
-        self.vcfg, self.hcfg = vcfg, hcfg
-        dtype = config.params_dtype
-        self.vit = VisionEncoder(config, vcfg, layer_spec, pg_collection)
-        self.hires = ConvNeXt(hcfg, vcfg.num_channels, dtype, init_std)
+        if not vcfg.hires.enabled:
+            raise ValueError(
+                f"vision.style={vcfg.style!r} needs vision.hires.type='convnext' (the "
+                "high-resolution tower), got 'none'"
+            )
+        self.vcfg, self.hcfg = vcfg, vcfg.hires
+        dtype, std = config.params_dtype, config.init_method_std
+        self.vit = VisionEncoder.build(config, self.vit_config(vcfg), pg_collection)
+        self.hires = ConvNeXt(self.hcfg, vcfg.num_channels, dtype, std)
         self.mining = PatchInfoMining(
-            vcfg.hidden_size, hcfg.feature_channels, hcfg.mining_layernorm_eps, dtype, init_std
+            vcfg.hidden_size, self.hcfg.feature_channels, self.hcfg.mining_layernorm_eps, dtype, std
         )
+
+    @classmethod
+    def build(
+        cls, config: TransformerConfig, vcfg: VisionConfig, pg_collection: ProcessGroupCollection
+    ) -> MGMDualEncoder:
+        """The registry's constructor."""
+        return cls(config, vcfg, pg_collection)
+
+    @staticmethod
+    def vit_config(vcfg: VisionConfig) -> VisionConfig:
+        """The low-resolution ViT on its own (its style, no second tower)."""
+        return dataclasses.replace(vcfg, style=vcfg.vit_style, hires=HighResConfig())
 
     def connector_modules(self) -> list[torch.nn.Module]:
         """Parts that train with the projector (MGM's stage 1 trains the mining and the MLP)."""
@@ -182,23 +200,22 @@ class MGMDualEncoder(MegatronModule):
         return out  # [N, L * T, C]
 
     @staticmethod
-    def num_output_tokens(vcfg: VisionConfig, hcfg: HighResConfig) -> int:
-        """Tokens per image handed to the projector: ``L * T``."""
-        return hcfg.low_res_images * vcfg.num_output_tokens
-
-    @staticmethod
-    def encoder_forward_flops(vcfg: VisionConfig, hcfg: HighResConfig, num_images: int) -> int:
+    def forward_flops(vcfg: VisionConfig, num_images: int = 1) -> int:
         """Both towers over ``num_images`` images: the ViT ``L`` times, the ConvNeXt once."""
-        vit = VisionEncoder.forward_flops(vcfg, num_images * hcfg.low_res_images)
+        hcfg = vcfg.hires
+        vit_cfg = MGMDualEncoder.vit_config(vcfg)
+        vit = VisionEncoder.forward_flops(vit_cfg, num_images * hcfg.low_res_images)
         return vit + ConvNeXt.forward_flops(hcfg, vcfg.num_channels, num_images)
 
     @staticmethod
-    def mining_forward_flops(vcfg: VisionConfig, hcfg: HighResConfig, num_images: int) -> int:
-        """The mining over ``num_images`` images (crops read the whole map, a global image the
-        map downsampled by ``grid``)."""
-        c, ca, t = vcfg.hidden_size, hcfg.feature_channels, vcfg.num_output_tokens
+    def connector_forward_flops(vcfg: VisionConfig, num_images: int = 1) -> int:
+        """The mining over ``num_images`` images (it trains with the projector): the crops read
+        the whole map, a global image the map downsampled by ``grid``."""
+        hcfg = vcfg.hires
+        c, ca = vcfg.hidden_size, hcfg.feature_channels
+        t = MGMDualEncoder.vit_config(vcfg).num_output_tokens
         side = hcfg.map_size()
         per = PatchInfoMining.forward_flops(c, ca, hcfg.grid**2 * t, side * side)
-        if hcfg.global_image and hcfg.grid > 1:
+        if hcfg.global_image:
             per += PatchInfoMining.forward_flops(c, ca, t, (side // hcfg.grid) ** 2)
         return num_images * per

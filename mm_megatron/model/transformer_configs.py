@@ -151,7 +151,7 @@ def vision_transformer_config(
         normalization="LayerNorm",
         layernorm_epsilon=v.layernorm_eps,
         gated_linear_unit=False,
-        activation_func=quick_gelu if v.style == "clip" else gelu_tanh,
+        activation_func=quick_gelu if v.vit_style == "clip" else gelu_tanh,
         add_bias_linear=True,
         add_qkv_bias=True,
     )

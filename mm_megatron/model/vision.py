@@ -129,6 +129,11 @@ class VisionEncoder(MegatronModule):
         cls, config: TransformerConfig, vcfg: VisionConfig, pg_collection: ProcessGroupCollection
     ) -> VisionEncoder:
         """The encoder with its block spec (padded attention when SP must pad the positions)."""
+        if vcfg.hires.enabled:
+            raise ValueError(
+                f"vision.hires.type={vcfg.hires.type!r} needs a dual-encoder vision.style (mgm), "
+                f"not {vcfg.style!r}"
+            )
         tp = config.tensor_model_parallel_size
         padded = config.sequence_parallel and vcfg.num_positions % tp != 0
         spec = block_spec(vit_layer_spec(vcfg.spec, padded=padded), vcfg.spec, config)
@@ -148,6 +153,15 @@ class VisionEncoder(MegatronModule):
         patch = 2 * (vcfg.num_channels * vcfg.patch_size * vcfg.patch_size * h) * vcfg.num_patches
         per_layer = 2 * p * (4 * h * h + 2 * h * f) + 4 * p * p * h
         return num_images * (patch + vcfg.num_layers_built * per_layer)
+
+    @staticmethod
+    def connector_forward_flops(vcfg: VisionConfig, num_images: int = 1) -> int:
+        """FLOPs of parts that train with the projector (none here; MGM's mining has some)."""
+        return 0
+
+    def connector_modules(self) -> list[torch.nn.Module]:
+        """Submodules frozen and trained with the projector, not the encoder (none here)."""
+        return []
 
     def set_input_tensor(self, input_tensor) -> None:
         """The ViT is never pipelined; megatron's schedules may still call this."""
@@ -205,3 +219,7 @@ class VisionEncoder(MegatronModule):
         if self.vcfg.has_class_token and self.vcfg.drop_class_token:
             x = x[:, 1:]  # [N, P, k * h]
         return x.contiguous()
+
+
+# Encoders defined in their own modules register themselves on import.
+from mm_megatron.model import mgm  # noqa: E402, F401

@@ -226,10 +226,12 @@ class JobConfig:
         self.model.validate()
         self.data.validate()
         self.train.validate()
-        size = self.model.vision.image_size
+        v = self.model.vision
+        size = v.input_image_size
         if self.data.image_size != size:
+            key = "model.vision.hires.image_size" if v.hires.enabled else "model.vision.image_size"
             raise ValueError(
-                f"data.image_size={self.data.image_size} but model.vision.image_size={size}: the "
+                f"data.image_size={self.data.image_size} but {key}={size}: the "
                 "encoder takes exactly that size; drop data.image_size (it follows the model)"
             )
 
@@ -279,8 +281,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def _data_defaults(model: LlavaConfig) -> DataConfig:
     """A DataConfig whose image settings and length limit follow the model."""
     return DataConfig(
-        image_size=model.vision.image_size,
-        image_norm="siglip" if model.vision.style == "siglip" else "clip",
+        image_size=model.vision.input_image_size,
+        image_norm="siglip" if model.vision.vit_style == "siglip" else "clip",
         max_seq_len=min(2048, model.lm.max_position_embeddings),
     )
 

@@ -87,7 +87,7 @@ def ensure_synthetic_dataset(out_dir: Path, model: LlavaConfig, n_train: int, se
             str(tmp),
             n_train=n_train,
             n_val=SYNTHETIC_VAL_SAMPLES,
-            image_size=model.vision.image_size,
+            image_size=model.vision.input_image_size,
             shard_size=500,
             seed=seed,
             vocab_size=min(1024, model.lm.vocab_size),
