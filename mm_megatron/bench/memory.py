@@ -239,6 +239,7 @@ def vision_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> float
 def projector_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> float:
     """Elements the projector saves for one micro-batch (its class may state them itself)."""
     from mm_megatron.model.projector import projector_class
+    from mm_megatron.model.vision import vision_encoder_class
 
     cls = projector_class(cfg.projector.type)
     tokens = cfg.vision.num_output_tokens
@@ -249,6 +250,8 @@ def projector_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> fl
     else:
         inner = cfg.projector.hidden_size or h_lm
         per_image = tokens * (hv + 2 * inner / par.tp)  # input, activation, second input
+    # an encoder's connector parts (MGM's mining) train, and save, with the projector
+    per_image += vision_encoder_class(cfg.vision.style).connector_activation_elements(cfg.vision)
     return w.mbs * w.images * per_image
 
 

@@ -208,6 +208,23 @@ class MGMDualEncoder(MegatronModule):
         return vit + ConvNeXt.forward_flops(hcfg, vcfg.num_channels, num_images)
 
     @staticmethod
+    def connector_activation_elements(vcfg: VisionConfig) -> int:
+        """Elements the mining saves per image for backward (replicated, so not divided by TP).
+
+        Per map pixel: the map (LayerNorm input), the key and value LayerNorm outputs (Linear
+        inputs), the keys and values (attention inputs): ``3 C_aux + 2 C``; per token: the
+        token, its LayerNorm output, the query and the attention output ``4 C``, and the
+        softmax weights ``p^2``. MGM-HD's global image adds its downsampled map.
+        """
+        hcfg = vcfg.hires
+        c, ca = vcfg.hidden_size, hcfg.feature_channels
+        t = MGMDualEncoder.vit_config(vcfg).num_output_tokens
+        side = hcfg.map_size()
+        pixels = side * side + ((side // hcfg.grid) ** 2 if hcfg.global_image else 0)
+        tokens = hcfg.low_res_images * t
+        return pixels * (3 * ca + 2 * c) + tokens * 4 * c + pixels
+
+    @staticmethod
     def connector_forward_flops(vcfg: VisionConfig, num_images: int = 1) -> int:
         """The mining over ``num_images`` images (it trains with the projector): the crops read
         the whole map, a global image the map downsampled by ``grid``."""

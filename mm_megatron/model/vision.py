@@ -159,6 +159,11 @@ class VisionEncoder(MegatronModule):
         """FLOPs of parts that train with the projector (none here; MGM's mining has some)."""
         return 0
 
+    @staticmethod
+    def connector_activation_elements(vcfg: VisionConfig) -> int:
+        """Elements the connector parts save per image for backward (none here)."""
+        return 0
+
     def connector_modules(self) -> list[torch.nn.Module]:
         """Submodules frozen and trained with the projector, not the encoder (none here)."""
         return []

@@ -190,3 +190,43 @@ def test_forward_backward_and_two_stage_freezing(single_rank, preset):
     (loss * mask).sum().backward()
     missing = [n for n, p in model.vision_model.named_parameters() if p.grad is None]
     assert not missing
+
+
+def hand_convnext_l(side: int) -> int:
+    """ConvNeXt-L (depths 3, 3, 27, 3; dims 192, 384, 768, 1536) forward FLOPs at ``side`` px."""
+    dims, depths = [192, 384, 768, 1536], [3, 3, 27, 3]
+    s = side // 4
+    total = 2 * 3 * 16 * 192 * s * s  # stem 4x4
+    for i, (c, d) in enumerate(zip(dims, depths)):
+        if i:
+            s //= 2
+            total += 2 * dims[i - 1] * 4 * c * s * s  # 2x2 stride-2 downsampling
+        total += d * s * s * (2 * 49 * c + 2 * 2 * 4 * c * c)  # dwconv 7x7, fc1, fc2
+    return total
+
+
+def test_planner_counts_both_towers_and_the_mining():
+    from mm_megatron.bench.memory import Workload, projector_elements
+    from mm_megatron.bench.planner import vision_cost_in_layers
+    from mm_megatron.config import ParallelConfig
+    from mm_megatron.model.flops import forward_flops
+    from mm_megatron.model.vision import VisionEncoder
+
+    clip = get_preset("llava-1.5-7b")
+    for name, side, crops, pixels in [
+        ("mgm-7b", 768, 1, 192 * 192),
+        ("mgm-7b-hd", 1536, 5, 384 * 384 + 192 * 192),
+    ]:
+        cfg = get_preset(name)
+        f, c = forward_flops(cfg, [1000], 2), forward_flops(clip, [1000], 2)
+        vit = VisionEncoder.forward_flops(clip.vision, 2 * crops)
+        assert f.vision == vit + 2 * hand_convnext_l(side)
+        mlp = crops * c.projector  # same MLP, ``crops`` x 576 tokens
+        mining = 2 * (2 * crops * 576 * 1024**2 + pixels * (4 * 2880 * 1024 + 4 * 1024))
+        assert f.projector == mlp + mining
+        assert f.lm == c.lm
+        w = Workload(seq=1000)
+        saved = pixels * (3 * 2880 + 2 * 1024 + 1) + crops * 576 * 4 * 1024
+        par = ParallelConfig()
+        assert projector_elements(cfg, par, w) == crops * projector_elements(clip, par, w) + saved
+        assert vision_cost_in_layers(cfg, w) > vision_cost_in_layers(clip, w)
