@@ -146,7 +146,11 @@ class MGMDualEncoder(MegatronModule):
         self.vit = VisionEncoder.build(config, self.vit_config(vcfg), pg_collection)
         self.hires = ConvNeXt(self.hcfg, vcfg.num_channels, dtype, std)
         self.mining = PatchInfoMining(
-            vcfg.hidden_size, self.hcfg.feature_channels, self.hcfg.mining_layernorm_eps, dtype, std
+            vcfg.feature_width,
+            self.hcfg.feature_channels,
+            self.hcfg.mining_layernorm_eps,
+            dtype,
+            std,
         )
 
     @classmethod
@@ -217,7 +221,7 @@ class MGMDualEncoder(MegatronModule):
         softmax weights ``p^2``. MGM-HD's global image adds its downsampled map.
         """
         hcfg = vcfg.hires
-        c, ca = vcfg.hidden_size, hcfg.feature_channels
+        c, ca = vcfg.feature_width, hcfg.feature_channels
         t = MGMDualEncoder.vit_config(vcfg).num_output_tokens
         side = hcfg.map_size()
         pixels = side * side + ((side // hcfg.grid) ** 2 if hcfg.global_image else 0)
@@ -229,7 +233,7 @@ class MGMDualEncoder(MegatronModule):
         """The mining over ``num_images`` images (it trains with the projector): the crops read
         the whole map, a global image the map downsampled by ``grid``."""
         hcfg = vcfg.hires
-        c, ca = vcfg.hidden_size, hcfg.feature_channels
+        c, ca = vcfg.feature_width, hcfg.feature_channels
         t = MGMDualEncoder.vit_config(vcfg).num_output_tokens
         side = hcfg.map_size()
         per = PatchInfoMining.forward_flops(c, ca, hcfg.grid**2 * t, side * side)
