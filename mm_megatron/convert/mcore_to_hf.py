@@ -223,6 +223,11 @@ def mcore_to_hf(
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     check_output(out_dir, force, (ckpt_dir,))  # fail before any work
     src = ExportSource.open(ckpt_dir, iteration, dtype)
+    if src.cfg.vision.hires.enabled:
+        raise ValueError(
+            f"{ckpt_dir}: vision.style={src.cfg.vision.style!r} (a dual encoder with a "
+            "high-resolution tower) has no transformers LLaVA class to export to"
+        )
     config_json, generated = src.config_json(log)
     synthetic = _synthetic_tensors(src.cfg) if generated else {}
     with atomic_output(out_dir, force, inputs=(ckpt_dir,)) as tmp, single_rank():

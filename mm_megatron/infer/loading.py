@@ -60,8 +60,8 @@ class InferenceBundle:
 def run_data_config(ckpt_dir: Path, iteration: int | str, model: LlavaConfig) -> DataConfig:
     """The data config the run trained with (defaults that follow the model when unknown)."""
     data = DataConfig(
-        image_size=model.vision.image_size,
-        image_norm="siglip" if model.vision.style == "siglip" else "clip",
+        image_size=model.vision.input_image_size,
+        image_norm="siglip" if model.vision.vit_style == "siglip" else "clip",
     )
     path = ckpt_dir / model_io.iteration_dirname(iteration) / TRAIN_STATE_JSON
     if path.is_file():
