@@ -12,9 +12,11 @@ layers (HF ``vision_feature_layer=[...]``) concatenates their outputs along the 
 
 Encoders are found by style: ``@register_vision_encoder("style")`` on a ``MegatronModule``
 subclass that has a ``build(config, vcfg, pg_collection)`` classmethod and a
-``forward_flops(vcfg, num_images)`` staticmethod; :func:`build_vision_encoder` and
-:func:`vision_encoder_class` are what the rest of the package calls (no ``if`` on a style name
-elsewhere). ``clip`` and ``siglip`` are :class:`VisionEncoder`.
+``forward_flops(vcfg, num_images)`` staticmethod, plus the connector hooks (parts that freeze,
+train and count with the projector: ``connector_modules()``, ``connector_forward_flops``,
+``connector_activation_elements``; none for a plain ViT, MGM's mining in ``model/mgm.py``);
+:func:`build_vision_encoder` and :func:`vision_encoder_class` are what the rest of the package
+calls (no ``if`` on a style name elsewhere). ``clip`` and ``siglip`` are :class:`VisionEncoder`.
 
 This module computes; it never looks up process groups itself (they arrive in ``pg_collection``).
 """
