@@ -139,13 +139,14 @@ class ConvNeXt(torch.nn.Module):
     def multi_stage_features(self, images: torch.Tensor) -> torch.Tensor:
         """MGM's high-resolution features: [N, sum(dims), S, S], S = image side / patch_size.
 
-        Every later stage is upsampled bilinearly to the first stage's size, then all are
-        concatenated on channels (MGM ``OpenCLIPVisionTower.backbone``).
+        Every later stage is upsampled bilinearly (in fp32) to the first stage's size, then all
+        are concatenated on channels (MGM ``OpenCLIPVisionTower.backbone``).
         """
         maps = self(images)
         size = maps[0].shape[-2:]
         ups = [maps[0]] + [
-            F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]
+            F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False).to(m.dtype)
+            for m in maps[1:]
         ]
         return torch.cat(ups, dim=1)  # [N, sum(dims), S, S]
 

@@ -174,20 +174,24 @@ class MGMDualEncoder(MegatronModule):
         return None
 
     def low_res_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, R, R] -> the ViT inputs [N * L, 3, r, r]: crops (row-major) then globals."""
+        """[N, 3, R, R] -> the ViT inputs [N * L, 3, r, r]: crops (row-major) then globals.
+
+        Resized in fp32 (MGM resizes in its data loader), returned in the ViT's dtype."""
         n, g, r = images.shape[0], self.hcfg.grid, self.vcfg.image_size
-        lr = F.interpolate(images, size=(r * g, r * g), mode="bilinear", align_corners=False)
+        dtype = self.vit.conv1.weight.dtype
+        lr = F.interpolate(
+            images.float(), size=(r * g, r * g), mode="bilinear", align_corners=False
+        )
         if g == 1:
-            return lr  # [N, 3, r, r]
+            return lr.to(dtype)  # [N, 3, r, r]
         crops = lr.reshape(n, -1, g, r, g, r).permute(0, 2, 4, 1, 3, 5)  # [N, g, g, 3, r, r]
         parts = [crops.reshape(n * g * g, -1, r, r)]
         if self.hcfg.global_image:
             parts.append(F.interpolate(lr, size=(r, r), mode="bilinear", align_corners=False))
-        return torch.cat(parts)  # [N * g^2 (+ N), 3, r, r]
+        return torch.cat(parts).to(dtype)  # [N * g^2 (+ N), 3, r, r]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, g = images.shape[0], self.hcfg.grid
-        images = images.to(self.vit.conv1.weight.dtype)
         feats = self.vit(self.low_res_images(images))  # [N * L, T, C]
         aux = self.hires.multi_stage_features(images)  # [N, C_aux, S, S]
         t, c = feats.shape[1:]
@@ -199,7 +203,9 @@ class MGMDualEncoder(MegatronModule):
         quads = aux.reshape(n, -1, g, s, g, s).permute(0, 2, 4, 1, 3, 5)  # [N, g, g, C_aux, s, s]
         out = self.mining(crops, quads.reshape(n * g * g, -1, s, s)).reshape(n, g * g * t, c)
         if self.hcfg.global_image:
-            small = F.interpolate(aux, scale_factor=1 / g, mode="bilinear", align_corners=False)
+            small = F.interpolate(
+                aux.float(), scale_factor=1 / g, mode="bilinear", align_corners=False
+            ).to(aux.dtype)
             out = torch.cat([self.mining(globals_, small), out], dim=1)  # global first
         return out  # [N, L * T, C]
 
