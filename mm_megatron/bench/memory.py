@@ -250,8 +250,11 @@ def projector_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> fl
     else:
         inner = cfg.projector.hidden_size or h_lm
         per_image = tokens * (hv + 2 * inner / par.tp)  # input, activation, second input
-    # an encoder's connector parts (MGM's mining) train, and save, with the projector
-    per_image += vision_encoder_class(cfg.vision.style).connector_activation_elements(cfg.vision)
+    # an encoder's connector parts (MGM's mining), if it states any, save with the projector
+    connector = getattr(
+        vision_encoder_class(cfg.vision.style), "connector_activation_elements", None
+    )
+    per_image += connector(cfg.vision) if connector else 0
     return w.mbs * w.images * per_image
 
 

@@ -37,7 +37,8 @@ def freeze(model: LlavaModel, *, vision: bool, projector: bool, lm: bool) -> Non
         for p in module.parameters():
             p.requires_grad_(not frozen)
     # An encoder's connector parts (MGM's patch-info mining) freeze with the projector.
-    for module in model.vision_model.connector_modules() if model.vision_model else []:
+    connector = getattr(model.vision_model, "connector_modules", list)
+    for module in connector():
         for p in module.parameters():
             p.requires_grad_(not projector)
 

@@ -48,9 +48,10 @@ def projector_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
     per_image = cls.forward_flops(
         cfg.projector, cfg.vision.feature_width, cfg.lm.hidden_size, tokens_in
     )
-    # an encoder's connector parts (MGM's mining) train with the projector
-    connector = vision_encoder_class(cfg.vision.style).connector_forward_flops
-    return num_images * per_image + connector(cfg.vision, num_images)
+    # an encoder's connector parts (MGM's mining), if it states any, train with the projector
+    connector = getattr(vision_encoder_class(cfg.vision.style), "connector_forward_flops", None)
+    extra = connector(cfg.vision, num_images) if connector else 0
+    return num_images * per_image + extra
 
 
 def lm_forward_flops(cfg: LlavaConfig, seq_lens: Sequence[int], vocab: int | None = None) -> int:

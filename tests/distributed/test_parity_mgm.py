@@ -138,8 +138,15 @@ def test_parity_mgm(setup):
     jobs = [(layout, packed, False) for layout, packed in CASES]
     got = run_distributed(run_layouts, 2, jobs, cfg, weights, data, timeout=900)[0]
     for (layout, packed), result in zip(CASES, got):
-        ref = drop_dead_key_biases(refs[packed])
-        assert_parity(ref, drop_dead_key_biases(result), what=f"{layout} packed={packed}")
+        ref, result = drop_dead_key_biases(refs[packed]), drop_dead_key_biases(result)
+        assert_parity(ref, result, what=f"{layout} packed={packed}")
+        worst = max(
+            float((result[k][n] - r).norm() / r.norm().clamp_min(1e-12))
+            for k in ("grads", "params")
+            for n, r in ref[k].items()
+        )
+        loss = abs(result["loss"] - ref["loss"]) / abs(ref["loss"])
+        print(f"{layout} packed={packed}: loss rel {loss:.1e}, worst grad/param rel {worst:.1e}")
     # the towers and the mining trained in every layout
     grads = refs[False]["grads"]
     for prefix in ("vision_model.hires.", "vision_model.mining.", "vision_model.vit."):
