@@ -195,6 +195,16 @@ class TilingConfig:
     type: str = "none"
     """A name in ``mm_megatron.data.tiling.TILERS``; ``none`` makes every image one square tile
     (``data.image_aspect`` decides how it is squared)."""
+    max_slice_nums: int = 9
+    """``minicpm_slice``: most slices per image, besides the downscaled source image."""
+    scale_resolution: int = 448
+    """``minicpm_slice``: a slice (and the source image) aims at this side squared in pixels."""
+    slice_patch_size: int = 14
+    """``minicpm_slice``: slice and source sides are multiples of this (the ViT patch)."""
+    slice_markers: str = "<im_start> <im_end> <slice> </slice>"
+    """``minicpm_slice``: tile start, tile end, slices start and slices end tokens that go into
+    the text around the placeholders, space-separated (MiniCPM-V's tokenizer: ``<image>
+    </image> <slice> </slice>``, with ``<unk>`` as ``data.image_token``)."""
 
 
 @dataclass

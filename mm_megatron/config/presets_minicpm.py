@@ -16,6 +16,7 @@ from mm_megatron.config.model_config import (
     LanguageConfig,
     LlavaConfig,
     ProjectorConfig,
+    TilingConfig,
     VisionConfig,
 )
 from mm_megatron.config.presets import debug_tiny, register_preset
@@ -52,13 +53,18 @@ def minicpm_v_26() -> LlavaConfig:
             qkv_bias=True,
             norm_eps=1e-6,
         ),
+        tiling=TilingConfig(type="minicpm_slice", max_slice_nums=9, scale_resolution=448),
         image_token_id=151646,  # first id after Qwen2's 151646 base tokens: match your tokenizer
     )
 
 
 @register_preset("debug-tiny-resampler")
 def debug_tiny_resampler() -> LlavaConfig:
-    """debug-tiny with MiniCPM-V's resampler: 16 queries (4 x 4) over the 4 x 4 patch grid."""
+    """debug-tiny with MiniCPM-V's resampler (16 queries) and slices (64 px: source + 1 x 2)."""
     cfg = debug_tiny()
     cfg.projector = ProjectorConfig(type="resampler", num_queries=16, num_heads=4)
+    # 64 x 64 images at a 48 px scale resolution: 1.8 slices' worth -> a 1 x 2 grid + source
+    cfg.tiling = TilingConfig(
+        type="minicpm_slice", max_slice_nums=4, scale_resolution=48, slice_patch_size=16
+    )
     return cfg
