@@ -7,8 +7,11 @@ The connector of MiniCPM-V 2.x (and Qwen-VL, where it comes from; Bai et al. 202
 * the ViT features of one tile go through ``kv_proj`` (``h_v -> D``, no bias) and LayerNorm;
   the keys add absolute 2D sin-cos positions: the query grid's table, bicubically interpolated
   to the key grid (any square grid: Qwen-VL's ``get_abs_pos``); the values do not;
-* one multi-head cross-attention (``D / head`` heads, with biases, as ``nn.MultiheadAttention``),
-  then LayerNorm (``ln_post``) and a projection to the LM width (``proj``, no bias).
+* one multi-head cross-attention (``D / head`` heads, as ``nn.MultiheadAttention``), then
+  LayerNorm (``ln_post``) and a projection to the LM width (``proj``, no bias). The query, value
+  and output projections carry biases; the key projection does not: a key bias adds the same
+  ``q . b`` to every score of a query, which softmax ignores, so its gradient is exactly zero
+  (a checkpoint's key bias may be dropped without changing the output).
 
 ``D`` is ``projector.hidden_size`` or the LM width (MiniCPM-V's ``embed_dim``); heads default to
 ``D // 128``. Every tile becomes exactly ``num_queries`` LM embeddings, whatever its grid.
@@ -125,7 +128,7 @@ class ResamplerProjector(Projector):
         self.kv_proj = column(vision_hidden, width, bias=False)
         self.ln_q, self.ln_kv, self.ln_post = norm(), norm(), norm()
         self.linear_q = column(width, width, bias=True)
-        self.linear_k = column(width, width, bias=True)
+        self.linear_k = column(width, width, bias=False)  # a key bias cannot change softmax
         self.linear_v = column(width, width, bias=True)
         self.linear_out = row(
             width,

@@ -78,7 +78,9 @@ def load_reference(ref: ReferenceResampler, ours) -> None:
         ref.kv_proj.weight.copy_(ours.kv_proj.weight)
         lin = (ours.linear_q, ours.linear_k, ours.linear_v)
         ref.attn.in_proj_weight.copy_(torch.cat([m.weight for m in lin]))
-        ref.attn.in_proj_bias.copy_(torch.cat([m.bias for m in lin]))
+        # any key bias: softmax ignores it (ours has none)
+        k_bias = torch.randn_like(ours.linear_q.bias)
+        ref.attn.in_proj_bias.copy_(torch.cat([ours.linear_q.bias, k_bias, ours.linear_v.bias]))
         ref.attn.out_proj.weight.copy_(ours.linear_out.weight)
         ref.attn.out_proj.bias.copy_(ours.linear_out.bias)
         for name in ("ln_q", "ln_kv", "ln_post"):
