@@ -28,6 +28,7 @@ from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.projector import build_projector, projector_class
 from mm_megatron.model.transformer_configs import projector_transformer_config
+from mm_megatron.parallel.layout import layout_problems
 
 # --- the reference, from the paper's description ------------------------------------------
 
@@ -193,6 +194,9 @@ def test_bad_geometry_is_one_line():
 
 def test_heads_must_split_over_tp(single_rank):
     cfg = get_preset("debug-tiny-resampler")
+    problems = layout_problems(cfg, ParallelConfig(tp=8))
+    assert "projector.num_heads=4 is not divisible by TP=8" in problems
+    assert not any("projector" in p for p in layout_problems(cfg, ParallelConfig(tp=4)))
     cfg.projector.num_heads = 3
     with pytest.raises(ValueError, match=r"projector.num_heads=3 must divide the resampler width"):
         build_llava_model(cfg)
