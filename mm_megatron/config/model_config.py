@@ -15,6 +15,7 @@ from typing import Any
 from mm_megatron.config.fields import from_dict
 from mm_megatron.config.hires_config import HighResConfig
 from mm_megatron.config.qformer_config import QFormerConfig
+from mm_megatron.config.resampler_config import ResamplerConfig
 
 SPECS = ("local", "te")
 
@@ -166,10 +167,8 @@ class ProjectorConfig:
     ``PROJECTOR_ACTIVATIONS``; ``gelu`` is LLaVA-1.5's)."""
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     """Shape of the ``qformer`` connector (BLIP-2 / MiniGPT-4); read only by that type."""
-    num_queries: int = 64
-    """Learned queries of a query-based connector: its tokens per tile (``resampler``: 64)."""
-    num_heads: int | None = None
-    """Attention heads of an attention connector; None: its width // 128 (MiniCPM-V)."""
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    """Shape of the ``resampler`` connector (MiniCPM-V); read only by that type."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
@@ -184,8 +183,7 @@ class ProjectorConfig:
             raise ValueError(
                 f"projector.activation={self.activation!r}; choose one of {PROJECTOR_ACTIVATIONS}"
             )
-        if self.num_queries < 1:
-            raise ValueError(f"projector.num_queries={self.num_queries} must be >= 1")
+        self.resampler.validate()
 
 
 @dataclass

@@ -20,6 +20,7 @@ from mm_megatron.config.model_config import (
     VisionConfig,
 )
 from mm_megatron.config.presets import debug_tiny, register_preset
+from mm_megatron.config.resampler_config import ResamplerConfig
 
 
 @register_preset("minicpm-v-2.6")
@@ -38,7 +39,9 @@ def minicpm_v_26() -> LlavaConfig:
             layernorm_eps=1e-6,
             post_layernorm=True,
         ),
-        projector=ProjectorConfig(type="resampler", num_queries=64, num_heads=28),
+        projector=ProjectorConfig(
+            type="resampler", resampler=ResamplerConfig(num_queries=64, num_heads=28)
+        ),
         lm=LanguageConfig(
             flavor="qwen2",
             num_layers=28,
@@ -62,7 +65,9 @@ def minicpm_v_26() -> LlavaConfig:
 def debug_tiny_resampler() -> LlavaConfig:
     """debug-tiny with MiniCPM-V's resampler (16 queries) and slices (64 px: source + 1 x 2)."""
     cfg = debug_tiny()
-    cfg.projector = ProjectorConfig(type="resampler", num_queries=16, num_heads=4)
+    cfg.projector = ProjectorConfig(
+        type="resampler", resampler=ResamplerConfig(num_queries=16, num_heads=4)
+    )
     # 64 x 64 images at a 48 px scale resolution: 1.8 slices' worth -> a 1 x 2 grid + source
     cfg.tiling = TilingConfig(
         type="minicpm_slice", max_slice_nums=4, scale_resolution=48, slice_patch_size=16

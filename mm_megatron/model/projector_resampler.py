@@ -2,8 +2,8 @@
 
 The connector of MiniCPM-V 2.x (and Qwen-VL, where it comes from; Bai et al. 2023, sec. 2.1):
 
-* ``N`` learned queries (``projector.num_queries``, default 64) plus fixed 2D sin-cos positions
-  of an ``sqrt(N) x sqrt(N)`` grid (MAE's ``get_2d_sincos_pos_embed``; He et al. 2021);
+* ``N`` learned queries (``projector.resampler.num_queries``, default 64) plus fixed 2D sin-cos
+  positions of an ``sqrt(N) x sqrt(N)`` grid (MAE's ``get_2d_sincos_pos_embed``; He et al. 2021);
 * the ViT features of one tile go through ``kv_proj`` (``h_v -> D``, no bias) and LayerNorm;
   the keys add absolute 2D sin-cos positions: the query grid's table, bicubically interpolated
   to the key grid (any square grid: Qwen-VL's ``get_abs_pos``); the values do not;
@@ -92,11 +92,11 @@ class ResamplerProjector(Projector):
         tp = config.tensor_model_parallel_size
         if width % heads or heads % tp:
             raise ValueError(
-                f"projector.num_heads={heads} must divide the resampler width {width} and be "
-                f"divisible by TP={tp}"
+                f"projector.resampler.num_heads={heads} must divide the resampler width {width} "
+                f"and be divisible by TP={tp}"
             )
         self.width, self.heads_local, self.head_dim = width, heads // tp, width // heads
-        self.grid = _square_side(pcfg.num_queries, "projector.num_queries")
+        self.grid = _square_side(pcfg.resampler.num_queries, "projector.resampler.num_queries")
         self.tp_group = pg_collection.tp
         col, row = projector_linears(pcfg.spec)
         init = config.init_method
@@ -121,7 +121,7 @@ class ResamplerProjector(Projector):
             )
 
         self.query = torch.nn.Parameter(
-            torch.empty(pcfg.num_queries, width, dtype=config.params_dtype)
+            torch.empty(pcfg.resampler.num_queries, width, dtype=config.params_dtype)
         )
         with torch.no_grad():
             init(self.query)
@@ -147,17 +147,17 @@ class ResamplerProjector(Projector):
     # --- what the rest of the system asks the class ---------------------------------------
     @staticmethod
     def heads(pcfg, width: int) -> int:
-        """Attention heads: ``projector.num_heads``, else ``width // 128`` (MiniCPM-V), >= 1."""
-        return pcfg.num_heads or max(1, width // 128)
+        """Heads: ``projector.resampler.num_heads``, else ``width // 128`` (MiniCPM-V), >= 1."""
+        return pcfg.resampler.num_heads or max(1, width // 128)
 
     @classmethod
     def check(cls, pcfg, tokens_in):
         _square_side(tokens_in, "vision tokens per tile (drop the class token)")
-        _square_side(pcfg.num_queries, "projector.num_queries")
+        _square_side(pcfg.resampler.num_queries, "projector.resampler.num_queries")
 
     @classmethod
     def num_output_tokens(cls, pcfg, tokens_in):
-        return pcfg.num_queries
+        return pcfg.resampler.num_queries
 
     @classmethod
     def matmul_params(cls, pcfg, vision_hidden, lm_hidden):
@@ -170,7 +170,7 @@ class ResamplerProjector(Projector):
         values ``4 T D^2``, scores and weighted sum ``4 Q T D``, output and ``proj``
         ``2 Q D (D + h_lm)``. The query projection ``2 Q D^2`` does not depend on the images and
         runs once per call, so it is not counted per tile."""
-        d, q, t = pcfg.hidden_size or lm_hidden, pcfg.num_queries, tokens_in
+        d, q, t = pcfg.hidden_size or lm_hidden, pcfg.resampler.num_queries, tokens_in
         return (
             2 * t * vision_hidden * d + 4 * t * d * d + 4 * q * t * d + 2 * q * d * (d + lm_hidden)
         )
@@ -178,7 +178,7 @@ class ResamplerProjector(Projector):
     @classmethod
     def activation_elements(cls, pcfg, vision_hidden, lm_hidden, tokens_in, tp):
         """Elements one tile saves for backward (the planner's memory model)."""
-        d, q, t = pcfg.hidden_size or lm_hidden, pcfg.num_queries, tokens_in
+        d, q, t = pcfg.hidden_size or lm_hidden, pcfg.resampler.num_queries, tokens_in
         keys = t * (vision_hidden + 3 * d + 2 * d / tp)  # kv_proj in/out, LN out, k+pos, k, v
         return keys + q * (3 * d / tp + 2 * d)  # q, attention out, out-proj in; ln_post, proj
 

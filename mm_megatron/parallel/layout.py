@@ -96,8 +96,6 @@ def layout_problems(
     problems += _divisible("vision.ffn_hidden_size", v.ffn_hidden_size, par.tp, "TP")
     proj_hidden = cfg.projector.hidden_size or lm.hidden_size
     problems += _divisible("projector hidden size", proj_hidden, par.tp, "TP")
-    if cfg.projector.num_heads:  # attention connectors (resampler) split heads over TP
-        problems += _divisible("projector.num_heads", cfg.projector.num_heads, par.tp, "TP")
     problems += _pipeline_problems(lm.num_layers, par)
     if seq_len is not None and par.cp > 1 and seq_len < 2 * par.cp:
         problems.append(

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mm_megatron.config.model_config import ProjectorConfig, TilingConfig
+from mm_megatron.config.resampler_config import ResamplerConfig
 from mm_megatron.data import DataConfig, build_dataloader, validate_batch
 from mm_megatron.data.synthetic import write_synthetic_dataset
 from mm_megatron.model.flops import train_step_flops
@@ -37,7 +38,9 @@ CASES = [
 
 def resampler_config():
     cfg = tiny_config()  # 32 px / 8 px patches: a 4 x 4 grid, class token dropped
-    cfg.projector = ProjectorConfig(type="resampler", num_queries=4, num_heads=4)
+    cfg.projector = ProjectorConfig(
+        type="resampler", resampler=ResamplerConfig(num_queries=4, num_heads=4)
+    )
     cfg.tiling = TilingConfig(
         type="minicpm_slice", max_slice_nums=4, scale_resolution=24, slice_patch_size=8
     )

@@ -22,13 +22,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mm_megatron.config import ParallelConfig, get_preset
 from mm_megatron.config.model_config import ProjectorConfig
+from mm_megatron.config.resampler_config import ResamplerConfig
 from mm_megatron.data.batch import ImageGeometry
 from mm_megatron.model.build import build_llava_model, freeze
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.projector import build_projector, projector_class
 from mm_megatron.model.transformer_configs import projector_transformer_config
-from mm_megatron.parallel.layout import layout_problems
 
 # --- the reference, from the paper's description ------------------------------------------
 
@@ -100,7 +100,9 @@ def build(num_queries: int, heads: int = 4, seed: int = 0):
     cfg = get_preset("debug-tiny-resampler")
     cfg.lm.hidden_size = LM
     cfg.projector = ProjectorConfig(
-        type="resampler", num_queries=num_queries, num_heads=heads, hidden_size=WIDTH
+        type="resampler",
+        hidden_size=WIDTH,
+        resampler=ResamplerConfig(num_queries=num_queries, num_heads=heads),
     )
     torch.manual_seed(seed)
     config = projector_transformer_config(cfg, ParallelConfig())
@@ -146,7 +148,7 @@ def test_forward_backward_reaches_every_parameter(single_rank):
 def test_token_count_is_the_query_count_per_tile():
     cfg = get_preset("debug-tiny-resampler")
     counter = ImageTokenCounter.from_config(cfg)
-    assert counter.tokens_per_tile == cfg.projector.num_queries == 16
+    assert counter.tokens_per_tile == cfg.projector.resampler.num_queries == 16
     for tiles in (1, 3, 10):  # a source image plus slices: one fixed count per slice
         assert counter(ImageGeometry(num_tiles=tiles)) == 16 * tiles
     big = get_preset("minicpm-v-2.6")
@@ -187,18 +189,17 @@ def test_bad_geometry_is_one_line():
         ImageTokenCounter.from_config(cfg)
     assert "\n" not in str(e.value)
     cfg = get_preset("debug-tiny-resampler")
-    cfg.projector.num_queries = 10
-    with pytest.raises(ValueError, match=r"projector.num_queries=10 is not a square"):
+    cfg.projector.resampler.num_queries = 10
+    with pytest.raises(ValueError, match=r"projector.resampler.num_queries=10 is not a square"):
         ImageTokenCounter.from_config(cfg)
 
 
 def test_heads_must_split_over_tp(single_rank):
     cfg = get_preset("debug-tiny-resampler")
-    problems = layout_problems(cfg, ParallelConfig(tp=8))
-    assert "projector.num_heads=4 is not divisible by TP=8" in problems
-    assert not any("projector" in p for p in layout_problems(cfg, ParallelConfig(tp=4)))
-    cfg.projector.num_heads = 3
-    with pytest.raises(ValueError, match=r"projector.num_heads=3 must divide the resampler width"):
+    cfg.projector.resampler.num_heads = 3
+    with pytest.raises(
+        ValueError, match=r"projector.resampler.num_heads=3 must divide the resampler width"
+    ):
         build_llava_model(cfg)
 
 

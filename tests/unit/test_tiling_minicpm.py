@@ -234,7 +234,7 @@ def test_loader_batches_carry_slices_and_separators(tmp_path):
         validate_batch(batch, cfg.image_token_id, image_size=v.image_size)
         # a 64 px square at 48 px scale resolution: source + 1 x 2 slices, each its own placeholder
         assert bool((batch["num_tiles"] == 1).all())
-        assert bool((batch["image_tokens"] == cfg.projector.num_queries).all())
+        assert bool((batch["image_tokens"] == cfg.projector.resampler.num_queries).all())
         placeholders += int(batch["num_images"].sum())
         for row, ids in enumerate(batch["input_ids"].tolist()):
             n = int(batch["num_images"][row])
