@@ -9,7 +9,9 @@ A scheme is a factory `(tiling: TilingConfig, transform: ImageTransform) -> tile
 tiler maps one RGB pillow image to a `TiledImage`. Tilers run in DataLoader workers, so they must
 be picklable (a frozen dataclass with `__call__`, not a closure). Every tile of a batch has the
 transform's size: `collate_rows` stacks them. Schemes that cut images into grids (anyres,
-dynamic tiles, slices) live in their own modules and register here by import.
+dynamic tiles, slices) live in their own modules and register here by import. A scheme that
+puts separator tokens between its tiles returns a text `layout`; `layout_token_ids` and
+`splice_layouts` put it into the prompt in place of the image's one placeholder.
 
 What it does not do: decode bytes, normalise (tiles stay uint8 until `collate_rows`), or count
 tokens (`mm_megatron.model.image_tokens`).
