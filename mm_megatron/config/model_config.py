@@ -15,6 +15,7 @@ from typing import Any
 from mm_megatron.config.fields import from_dict
 from mm_megatron.config.hires_config import HighResConfig
 from mm_megatron.config.qformer_config import QFormerConfig
+from mm_megatron.config.resampler_config import ResamplerConfig
 
 SPECS = ("local", "te")
 
@@ -166,6 +167,8 @@ class ProjectorConfig:
     ``PROJECTOR_ACTIVATIONS``; ``gelu`` is LLaVA-1.5's)."""
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     """Shape of the ``qformer`` connector (BLIP-2 / MiniGPT-4); read only by that type."""
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    """Shape of the ``resampler`` connector (MiniCPM-V); read only by that type."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
@@ -180,6 +183,7 @@ class ProjectorConfig:
             raise ValueError(
                 f"projector.activation={self.activation!r}; choose one of {PROJECTOR_ACTIVATIONS}"
             )
+        self.resampler.validate()
 
 
 @dataclass
@@ -189,6 +193,16 @@ class TilingConfig:
     type: str = "none"
     """A name in ``mm_megatron.data.tiling.TILERS``; ``none`` makes every image one square tile
     (``data.image_aspect`` decides how it is squared)."""
+    max_slice_nums: int = 9
+    """``minicpm_slice``: most slices per image, besides the downscaled source image."""
+    scale_resolution: int = 448
+    """``minicpm_slice``: a slice (and the source image) aims at this side squared in pixels."""
+    slice_patch_size: int = 14
+    """``minicpm_slice``: slice and source sides are multiples of this (the ViT patch)."""
+    slice_markers: str = "<im_start> <im_end> <slice> </slice>"
+    """``minicpm_slice``: tile start, tile end, slices start and slices end tokens that go into
+    the text around the placeholders, space-separated (MiniCPM-V's tokenizer: ``<image>
+    </image> <slice> </slice>``, with ``<unk>`` as ``data.image_token``)."""
 
 
 @dataclass

@@ -147,6 +147,7 @@ def parts_config(
     if base:
         _check_preset(cfg, base, preset, vision, lm)
         cfg.init_method_std = base.init_method_std
+        cfg.tiling = copy.deepcopy(base.tiling)  # e.g. MiniCPM-V's slices
     cfg.set_spec(spec)
     try:
         cfg.validate()

@@ -26,7 +26,7 @@ from mm_megatron.data.config import DataConfig
 from mm_megatron.data.image import ImageDecodeError, ImageTransform, decode_image
 from mm_megatron.data.shards import IMAGE_EXTENSIONS
 from mm_megatron.data.templates import TemplateError, tokenize_conversation
-from mm_megatron.data.tiling import Tiler, build_tiler
+from mm_megatron.data.tiling import Tiler, build_tiler, layout_token_ids, splice_layouts
 
 BAD_REASONS = (
     "broken_json",
@@ -81,7 +81,8 @@ class Example:
     (`collate_rows` normalises them into the batch); each image's tiles are consecutive."""
 
     num_tiles: np.ndarray
-    """int64 [n_images]: encoder tiles of each image."""
+    """int64 [n_images]: encoder tiles of each image (a tiling scheme with a text layout makes
+    every tile its own placeholder, so n_images counts placeholders)."""
 
     image_tokens: np.ndarray
     """int64 [n_images]: embeddings each image's placeholder expands into (the model's count)."""
@@ -214,8 +215,9 @@ class SampleProcessor:
             raise BadSampleError("no_loss_tokens", "no token has a label")
 
         tiles: list[np.ndarray] = []  # per image: uint8 [t, H, W, 3]
-        num_tiles = np.zeros(num_images, dtype=np.int64)
-        image_tokens = np.zeros(num_images, dtype=np.int64)
+        num_tiles: list[int] = []  # per placeholder (a layout gives every tile its own)
+        image_tokens: list[int] = []
+        layouts: list[list[int] | None] = []
         for i in range(num_images):
             ext = next((f"{i}.{e}" for e in IMAGE_EXTENSIONS if f"{i}.{e}" in available), None)
             if ext is None:
@@ -225,15 +227,29 @@ class SampleProcessor:
             except ImageDecodeError as e:
                 raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
             tiles.append(tiled.tiles)
-            num_tiles[i] = tiled.tiles.shape[0]
-            image_tokens[i] = self.image_tokens(tiled.geometry)
-        total = expanded_length(len(tokens.input_ids), image_tokens.tolist())
+            n = tiled.tiles.shape[0]
+            if tiled.layout is None:
+                num_tiles.append(n)
+                image_tokens.append(self.image_tokens(tiled.geometry))
+            else:  # separator tokens between the tiles: one placeholder per tile
+                num_tiles += [1] * n
+                image_tokens += [self.image_tokens(ImageGeometry(num_tiles=1))] * n
+            layouts.append(None if tiled.layout is None else layout_token_ids(tiled.layout, info))
+        ids, labels = tokens.input_ids, tokens.labels
+        if any(layout is not None for layout in layouts):
+            ids, labels = splice_layouts(ids, labels, info.image_token_id, layouts)
+        total = expanded_length(len(ids), image_tokens)
         if total > self.max_seq_len:
             raise BadSampleError("too_long", f"expanded length {total} > {self.max_seq_len}")
         size = self.image_transform.size
         pixels = (  # [sum(num_tiles), H, W, 3]
             np.concatenate(tiles) if tiles else np.zeros((0, size, size, 3), dtype=np.uint8)
         )
-        input_ids = np.asarray(tokens.input_ids, dtype=np.int64)
-        labels = np.asarray(tokens.labels, dtype=np.int64)
-        return input_ids, labels, pixels, num_tiles, image_tokens, total
+        return (
+            np.asarray(ids, dtype=np.int64),
+            np.asarray(labels, dtype=np.int64),
+            pixels,
+            np.asarray(num_tiles, dtype=np.int64),
+            np.asarray(image_tokens, dtype=np.int64),
+            total,
+        )

@@ -9,7 +9,9 @@ A scheme is a factory `(tiling: TilingConfig, transform: ImageTransform) -> tile
 tiler maps one RGB pillow image to a `TiledImage`. Tilers run in DataLoader workers, so they must
 be picklable (a frozen dataclass with `__call__`, not a closure). Every tile of a batch has the
 transform's size: `collate_rows` stacks them. Schemes that cut images into grids (anyres,
-dynamic tiles, slices) live in their own modules and register here by import.
+dynamic tiles, slices) live in their own modules and register here by import. A scheme that
+puts separator tokens between its tiles returns a text `layout`; `layout_token_ids` and
+`splice_layouts` put it into the prompt in place of the image's one placeholder.
 
 What it does not do: decode bytes, normalise (tiles stay uint8 until `collate_rows`), or count
 tokens (`mm_megatron.model.image_tokens`).
@@ -19,14 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from mm_megatron.config.model_config import TilingConfig
 from mm_megatron.config.registry import Registry
-from mm_megatron.data.batch import ImageGeometry
+from mm_megatron.data.batch import IGNORE_INDEX, ImageGeometry
 from mm_megatron.data.image import ImageTransform
+from mm_megatron.data.templates import encode_texts
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,12 @@ class TiledImage:
 
     geometry: ImageGeometry
     """What the image's token count depends on (tiles, row separators, ...)."""
+
+    layout: tuple[str | None, ...] | None = None
+    """Text that replaces the image's placeholder, for schemes with separator tokens between
+    tiles (MiniCPM-V's slices): each string is tokenized into the prompt (no loss), each None is
+    one tile's own placeholder (one per tile, in tile order), counted as a one-tile image. None:
+    the image keeps its one placeholder for all its tiles."""
 
 
 Tiler = Callable[[Image.Image], TiledImage]
@@ -77,3 +87,45 @@ def single_tile(tiling: TilingConfig, transform: ImageTransform) -> Tiler:
     """Every image becomes one tile of the encoder's size."""
     del tiling
     return SingleTile(transform)
+
+
+def layout_token_ids(layout: tuple[str | None, ...], tokenizer_info: Any) -> list[int]:
+    """A `TiledImage.layout` as token ids: its texts encoded, each None the placeholder id.
+
+    Raises:
+        ValueError: a text of the layout encodes to the placeholder id itself.
+    """
+    placeholder = tokenizer_info.image_token_id
+    texts = iter(encode_texts(tokenizer_info.tokenizer, [p for p in layout if p is not None]))
+    ids: list[int] = []
+    for piece in layout:
+        if piece is None:
+            ids.append(placeholder)
+            continue
+        encoded = next(texts)
+        if placeholder in encoded:
+            raise ValueError(f"tiling marker {piece!r} contains the image placeholder token")
+        ids += encoded
+    return ids
+
+
+def splice_layouts(
+    input_ids: list[int], labels: list[int], placeholder: int, layouts: list[list[int] | None]
+) -> tuple[list[int], list[int]]:
+    """Replace the i-th placeholder by ``layouts[i]`` (labels -100) where that is not None."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    images = iter(layouts)
+    for token, label in zip(input_ids, labels):
+        layout = next(images) if token == placeholder else None
+        if layout is None:
+            out_ids.append(token)
+            out_labels.append(label)
+        else:
+            out_ids += layout
+            out_labels += [IGNORE_INDEX] * len(layout)
+    return out_ids, out_labels
+
+
+# Schemes in their own modules register on import (one line each).
+from mm_megatron.data import tiling_minicpm  # noqa: E402, F401

@@ -171,4 +171,4 @@ class PooledMLPProjector(MLPProjector):
 
 
 # Connectors in their own files register themselves on import.
-from mm_megatron.model import projector_qformer  # noqa: E402, F401
+from mm_megatron.model import projector_qformer, projector_resampler  # noqa: E402, F401

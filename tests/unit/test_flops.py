@@ -124,8 +124,8 @@ def test_projectors_state_their_own_count():
     cfg = get_preset("debug-tiny")  # 4x4 patch grid of width 64 -> 2x2 pooled, LM width 64
     cfg.projector.type = "mlp2x_gelu_pool2"
     assert projector_forward_flops(cfg, 3) == 2 * (64 * 64 + 64 * 64) * 4 * 3
-    cfg.projector.type = "resampler"
-    with pytest.raises(ValueError, match="projector.type='resampler'; choose one of"):
+    cfg.projector.type = "no-such-connector"
+    with pytest.raises(ValueError, match="projector.type='no-such-connector'; choose one of"):
         projector_forward_flops(cfg, 1)
 
 
