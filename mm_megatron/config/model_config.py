@@ -59,6 +59,18 @@ class VisionConfig:
     CLIP: no). HF LLaVA reads hidden states before it, so converters set False."""
     spec: str = "local"
     """``local`` (PyTorch + our SDPA attention) or ``te`` (Transformer Engine)."""
+    norm: str = "LayerNorm"
+    """Norm of the encoder layers: ``LayerNorm`` or ``RMSNorm`` (InternViT-6B)."""
+    activation: str | None = None
+    """MLP activation, an HF ``hidden_act`` name; None: the style's own (CLIP quick_gelu,
+    SigLIP gelu_pytorch_tanh)."""
+    qkv_bias: bool = True
+    """Bias on the QKV projection (HF InternViT ``attention_bias``)."""
+    qk_norm: bool = False
+    """RMSNorm over the full query and key widths (InternViT-6B ``use_qk_norm``)."""
+    layer_scale_init: float | None = None
+    """Per-channel layer scale on both residual branches (InternViT ``lambda_1``/``lambda_2``)
+    with this initial value; None: no layer scale."""
     hires: HighResConfig = field(default_factory=HighResConfig)
     """A high-resolution second tower (MGM's ConvNeXt, ``style="mgm"``); ``type="none"``
     otherwise. The fields above then describe its low-resolution ViT."""
@@ -76,8 +88,8 @@ class VisionConfig:
 
     @property
     def has_class_token(self) -> bool:
-        """CLIP prepends a learned class token; SigLIP does not."""
-        return self.vit_style == "clip"
+        """CLIP and InternViT prepend a learned class token; SigLIP does not."""
+        return self.vit_style != "siglip"
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -124,6 +136,12 @@ class VisionConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
+        if self.norm not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"vision.norm must be 'LayerNorm' or 'RMSNorm', got {self.norm!r}")
+        if self.activation is not None and self.activation not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(
+                f"vision.activation={self.activation!r}; choose one of {PROJECTOR_ACTIVATIONS}"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size={self.image_size} is not a multiple of "
@@ -169,6 +187,10 @@ class ProjectorConfig:
     """Shape of the ``qformer`` connector (BLIP-2 / MiniGPT-4); read only by that type."""
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     """Shape of the ``resampler`` connector (MiniCPM-V); read only by that type."""
+    pixel_shuffle_ratio: float = 0.5
+    """``pixel_shuffle_mlp`` only: HF ``downsample_ratio``, 1/k folds k x k patches into one."""
+    layernorm_eps: float = 1e-5
+    """Epsilon of a projector's own LayerNorm (``pixel_shuffle_mlp``; torch's default)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""

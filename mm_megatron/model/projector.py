@@ -171,4 +171,8 @@ class PooledMLPProjector(MLPProjector):
 
 
 # Connectors in their own files register themselves on import.
-from mm_megatron.model import projector_qformer, projector_resampler  # noqa: E402, F401
+from mm_megatron.model import (  # noqa: E402
+    projector_pixel_shuffle,  # noqa: F401
+    projector_qformer,  # noqa: F401
+    projector_resampler,  # noqa: F401
+)

@@ -148,12 +148,19 @@ def vision_transformer_config(
         ffn_hidden_size=v.ffn_hidden_size,
         num_attention_heads=v.num_attention_heads,
         kv_channels=v.hidden_size // v.num_attention_heads,
-        normalization="LayerNorm",
+        normalization=v.norm,
         layernorm_epsilon=v.layernorm_eps,
         gated_linear_unit=False,
-        activation_func=quick_gelu if v.vit_style == "clip" else gelu_tanh,
+        activation_func=(
+            PROJECTOR_ACTIVATION_FUNCS[v.activation]
+            if v.activation
+            else quick_gelu
+            if v.vit_style == "clip"
+            else gelu_tanh
+        ),
         add_bias_linear=True,
-        add_qkv_bias=True,
+        add_qkv_bias=v.qkv_bias,
+        qk_layernorm=v.qk_norm,  # the norm itself comes with the encoder's spec
     )
 
 
