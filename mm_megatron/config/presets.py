@@ -190,4 +190,9 @@ def ref_1_4b() -> LlavaConfig:
 
 
 # Preset families in their own files register themselves on import.
-from mm_megatron.config import presets_blip2, presets_mgm, presets_minicpm  # noqa: E402, F401
+from mm_megatron.config import (  # noqa: E402
+    presets_blip2,  # noqa: F401
+    presets_internvl,  # noqa: F401
+    presets_mgm,  # noqa: F401
+    presets_minicpm,  # noqa: F401
+)

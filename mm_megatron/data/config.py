@@ -19,7 +19,7 @@ DEFAULT_TEMPLATE = "vicuna_v1"
 IMAGE_ASPECT_MODES = ("pad", "resize", "crop")
 """How a non-square image becomes square; see `image.py`."""
 
-IMAGE_NORMALIZATIONS = ("clip", "siglip")
+IMAGE_NORMALIZATIONS = ("clip", "siglip", "imagenet")
 """Mean/std presets; see `image.py`."""
 
 
@@ -57,7 +57,7 @@ class DataConfig:
     (resize the short side, centre crop)."""
 
     image_norm: str = "clip"
-    """Normalisation: clip (OpenAI CLIP mean/std) or siglip (0.5/0.5)."""
+    """Normalisation: clip (OpenAI CLIP mean/std), siglip (0.5/0.5) or imagenet (InternVL)."""
 
     max_seq_len: int = 2048
     """Longest expanded sequence (each image expanded to its token count); longer samples are

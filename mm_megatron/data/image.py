@@ -30,7 +30,15 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 """SigLIP image std."""
 
-NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""ImageNet mean (InternVL's processors)."""
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet std (InternVL's processors)."""
+NORMALIZATIONS = {
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "siglip": (SIGLIP_MEAN, SIGLIP_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
 """Normalisation name -> (mean, std)."""
 
 

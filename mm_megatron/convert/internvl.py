@@ -1,0 +1,175 @@
+"""HF ``InternVLForConditionalGeneration`` <-> our model: the InternViT and pixel-shuffle rules.
+
+The language model's rules are LLaVA's (transformers' InternVL stores its Qwen2 / Llama /
+InternLM2-as-Llama text model under the same ``model.language_model.`` keys). This file adds the
+two parts LLaVA does not have, in :mod:`mm_megatron.convert.mapping`'s ``Rule`` form:
+
+* InternViT (``model.vision_tower.``): ``embeddings.cls_token [1, 1, h]`` <-> ``class_token``;
+  ``embeddings.position_embeddings [1, P+1, h]`` <-> ``position_embeddings.weight [P+1, h]``;
+  ``patch_embeddings.projection`` <-> ``conv1``; per layer ``layernorm_before`` /
+  ``layernorm_after`` <-> ``input_layernorm`` / ``pre_mlp_layernorm``, ``attention.{q,k,v}_proj``
+  <-> ``linear_qkv`` (grouped, MHA), ``attention.projection_layer`` <-> ``linear_proj``,
+  ``attention.{q,k}_norm`` <-> ``self_attention.{q,k}_layernorm`` (head-major, the same order),
+  ``lambda_1`` / ``lambda_2`` <-> ``self_attn_bda`` / ``mlp_bda``, ``mlp.fc1/fc2``;
+  the final ``layernorm`` <-> ``post_layernorm`` when it is applied.
+* pixel-shuffle projector (``model.multi_modal_projector.``): ``layer_norm`` <->
+  ``vision_projection.layer_norm``, ``linear_1/2`` <-> ``vision_projection.encoder.linear_fc1/2``.
+
+What it does not do: read or write files (the shared converter does), or map the LM.
+"""
+
+from __future__ import annotations
+
+from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.convert.mapping import _identity, _qkv
+
+HF_TOWER = "model.vision_tower."
+"""Prefix of the vision tower in ``InternVLForConditionalGeneration``."""
+
+
+def _reshape(shape_hf: tuple[int, ...], shape_ours: tuple[int, ...]):
+    return (
+        lambda ts: ts[0].reshape(shape_ours),
+        lambda t: [t.reshape(shape_hf).contiguous()],
+    )
+
+
+def internvit_rules(cfg: LlavaConfig, add, tower: str = HF_TOWER) -> None:
+    """Rules of the InternViT encoder (``add(param, hf_keys, hf_shapes, fns, group)``)."""
+    v = cfg.vision
+    h, f, nh = v.hidden_size, v.ffn_hidden_size, v.num_attention_heads
+    V, T, g = "vision_model.", tower, "vision.embed"
+    add(V + "class_token", [T + "embeddings.cls_token"], [(1, 1, h)], _identity(), g)
+    pos = (1, v.num_positions, h)
+    pos_fns = _reshape(pos, (v.num_positions, h))
+    add(V + "position_embeddings.weight", [T + "embeddings.position_embeddings"], [pos], pos_fns, g)
+    conv = T + "embeddings.patch_embeddings.projection."
+    patch = (h, v.num_channels, v.patch_size, v.patch_size)
+    add(V + "conv1.weight", [conv + "weight"], [patch], _identity(), g)
+    add(V + "conv1.bias", [conv + "bias"], [(h,)], _identity(), g)
+    norm_ws = ("weight", "bias") if v.norm == "LayerNorm" else ("weight",)
+    for i in range(v.num_layers_built):
+        m, p, g = f"{V}decoder.layers.{i}.", f"{T}encoder.layer.{i}.", f"vision.layer.{i}"
+        for w in norm_ws:
+            add(m + f"input_layernorm.{w}", [p + f"layernorm_before.{w}"], [(h,)], _identity(), g)
+            add(m + f"pre_mlp_layernorm.{w}", [p + f"layernorm_after.{w}"], [(h,)], _identity(), g)
+        qkv = [p + f"attention.{x}_proj.weight" for x in "qkv"]
+        add(m + "self_attention.linear_qkv.weight", qkv, [(h, h)] * 3, _qkv(nh, nh), g)
+        if v.qkv_bias:
+            qkv_b = [p + f"attention.{x}_proj.bias" for x in "qkv"]
+            add(m + "self_attention.linear_qkv.bias", qkv_b, [(h,)] * 3, _qkv(nh, nh), g)
+        for w, shape in (("weight", (h, h)), ("bias", (h,))):
+            proj = [p + f"attention.projection_layer.{w}"]
+            add(m + f"self_attention.linear_proj.{w}", proj, [shape], _identity(), g)
+            add(
+                m + f"mlp.linear_fc1.{w}",
+                [p + f"mlp.fc1.{w}"],
+                [(f, h)[: len(shape)]],
+                _identity(),
+                g,
+            )
+            add(
+                m + f"mlp.linear_fc2.{w}",
+                [p + f"mlp.fc2.{w}"],
+                [(h, f)[: len(shape)]],
+                _identity(),
+                g,
+            )
+        if v.qk_norm:
+            for x in "qk":
+                norm = [p + f"attention.{x}_norm.weight"]
+                add(m + f"self_attention.{x}_layernorm.weight", norm, [(h,)], _identity(), g)
+        if v.layer_scale_init is not None:
+            add(m + "self_attn_bda.weight", [p + "lambda_1"], [(h,)], _identity(), g)
+            add(m + "mlp_bda.weight", [p + "lambda_2"], [(h,)], _identity(), g)
+    if v.apply_post_layernorm:
+        for w in ("weight", "bias"):
+            add(
+                V + f"post_layernorm.{w}",
+                [T + f"layernorm.{w}"],
+                [(h,)],
+                _identity(),
+                "vision.post",
+            )
+
+
+def pixel_shuffle_projector_rules(cfg: LlavaConfig, add) -> None:
+    """Rules of the ``pixel_shuffle_mlp`` projector."""
+    from mm_megatron.model.projector_pixel_shuffle import shuffle_factor
+
+    k = shuffle_factor(cfg.projector.pixel_shuffle_ratio)
+    h, hin = cfg.lm.hidden_size, cfg.vision.hidden_size * k * k
+    hp = cfg.projector.hidden_size or h
+    pr, ours, g = "model.multi_modal_projector.", "vision_projection.", "projector"
+    for w in ("weight", "bias"):
+        add(f"{ours}layer_norm.{w}", [f"{pr}layer_norm.{w}"], [(hin,)], _identity(), g)
+    for hf_name, mc, (out, inp) in (
+        ("linear_1", "linear_fc1", (hp, hin)),
+        ("linear_2", "linear_fc2", (h, hp)),
+    ):
+        add(f"{ours}encoder.{mc}.weight", [f"{pr}{hf_name}.weight"], [(out, inp)], _identity(), g)
+        if cfg.projector.bias:
+            add(f"{ours}encoder.{mc}.bias", [f"{pr}{hf_name}.bias"], [(out,)], _identity(), g)
+
+
+def internvl_rules(cfg: LlavaConfig):
+    """Every rule of an InternVL model: LLaVA's LM rules, then InternViT's and the projector's."""
+    from mm_megatron.convert.mapping import Rule, _lm_rules, _swiglu_cat
+
+    rules: list[Rule] = []
+
+    def add(param, hf, shapes, fns, group):
+        shapes = tuple(tuple(s) for s in shapes)
+        rules.append(Rule(param, tuple(hf), shapes, fns[0], fns[1], group, fns[0] is _swiglu_cat))
+
+    _lm_rules(cfg, add)
+    internvit_rules(cfg, add)
+    pixel_shuffle_projector_rules(cfg, add)
+    return rules
+
+
+def hf_internvl_config(cfg: LlavaConfig):
+    """transformers ``InternVLConfig`` of our InternVL model ``cfg`` (Qwen2 or Llama text)."""
+    from transformers import InternVLConfig
+
+    v, lm = cfg.vision, cfg.lm
+    vision = dict(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_attention_heads,
+        intermediate_size=v.ffn_hidden_size,
+        hidden_act=v.activation or "gelu",
+        norm_type="layer_norm" if v.norm == "LayerNorm" else "rms_norm",
+        layer_norm_eps=v.layernorm_eps,
+        image_size=[v.image_size, v.image_size],
+        patch_size=[v.patch_size, v.patch_size],
+        num_channels=v.num_channels,
+        attention_bias=v.qkv_bias,
+        use_qk_norm=v.qk_norm,
+        layer_scale_init_value=v.layer_scale_init if v.layer_scale_init is not None else 1.0,
+        use_mean_pooling=not v.apply_post_layernorm,
+    )
+    text = dict(
+        model_type="qwen2" if lm.qkv_bias else "llama",
+        hidden_size=lm.hidden_size,
+        intermediate_size=lm.ffn_hidden_size,
+        num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_attention_heads,
+        num_key_value_heads=lm.kv_groups,
+        vocab_size=lm.vocab_size,
+        max_position_embeddings=lm.max_position_embeddings,
+        rope_theta=lm.rope_theta,
+        rms_norm_eps=lm.norm_eps,
+        tie_word_embeddings=lm.tie_embeddings,
+        hidden_act="silu",
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=cfg.image_token_id,
+        downsample_ratio=cfg.projector.pixel_shuffle_ratio,
+        projector_hidden_act=cfg.projector.activation,
+        vision_feature_layer=v.feature_layer,
+        vision_feature_select_strategy="default" if v.drop_class_token else "full",
+        tie_word_embeddings=lm.tie_embeddings,
+    )
