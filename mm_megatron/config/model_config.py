@@ -225,6 +225,12 @@ class TilingConfig:
     """``minicpm_slice``: tile start, tile end, slices start and slices end tokens that go into
     the text around the placeholders, space-separated (MiniCPM-V's tokenizer: ``<image>
     </image> <slice> </slice>``, with ``<unk>`` as ``data.image_token``)."""
+    min_patches: int = 1
+    """``internvl_dynamic``: fewest grid tiles (HF ``min_patches``; the thumbnail not counted)."""
+    max_patches: int = 12
+    """``internvl_dynamic``: most grid tiles (HF ``max_patches``); 1 means one resized tile."""
+    use_thumbnail: bool = True
+    """``internvl_dynamic``: append the whole image as a last tile when the grid has several."""
 
 
 @dataclass

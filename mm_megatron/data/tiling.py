@@ -128,4 +128,4 @@ def splice_layouts(
 
 
 # Schemes in their own modules register on import (one line each).
-from mm_megatron.data import tiling_minicpm  # noqa: E402, F401
+from mm_megatron.data import tiling_internvl, tiling_minicpm  # noqa: E402, F401

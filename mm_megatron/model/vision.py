@@ -229,4 +229,4 @@ class VisionEncoder(MegatronModule):
 
 
 # Encoders defined in their own modules register themselves on import.
-from mm_megatron.model import mgm  # noqa: E402, F401
+from mm_megatron.model import internvit, mgm  # noqa: E402, F401
