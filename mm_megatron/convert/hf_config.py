@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,28 @@ from mm_megatron.config.model_config import (
     VisionConfig,
 )
 from mm_megatron.model.image_tokens import image_token_count
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """An HF multimodal architecture the converter reads (``HF_FAMILIES[model_type]``)."""
+
+    architecture: str
+    """``architectures[0]`` of its config.json."""
+    config_class: str
+    """Its transformers config class name."""
+    from_hf: Callable | None = None
+    """``(hf_cfg, spec=, make_vocab_size_divisible_by=) -> (LlavaConfig, notes)``; None: LLaVA."""
+    exports: Callable | None = None
+    """``cfg -> bool``: this family writes the config.json of ``cfg`` (trained here)."""
+    to_hf: Callable | None = None
+    """``(cfg, dtype) -> config.json dict`` for a model trained here."""
+
+
+HF_FAMILIES: dict[str, HFFamily] = {
+    "llava": HFFamily("LlavaForConditionalGeneration", "LlavaConfig"),
+}
+"""HF ``model_type`` -> family; other families register in their own module."""
 
 TEXT_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
@@ -55,24 +79,25 @@ def read_config_json(hf_dir: Path) -> dict[str, Any]:
         raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
     archs = raw.get("architectures") or []
     mtype = raw.get("model_type")
-    if mtype != "llava" or (archs and "LlavaForConditionalGeneration" not in archs):
+    family = HF_FAMILIES.get(mtype)
+    if family is None or (archs and family.architecture not in archs):
         what = archs[0] if archs else f"model_type {mtype!r}"
+        known = ", ".join(f"{f.architecture} (model_type {t!r})" for t, f in HF_FAMILIES.items())
         raise UnsupportedModelError(
-            f"{path}: unsupported architecture {what}; mm-megatron converts "
-            "LlavaForConditionalGeneration (model_type 'llava') checkpoints"
+            f"{path}: unsupported architecture {what}; mm-megatron converts {known} checkpoints"
         )
     return raw
 
 
 def load_hf_config(hf_dir: Path):
-    """transformers ``LlavaConfig`` of ``hf_dir`` (defaults filled in by transformers)."""
-    read_config_json(hf_dir)
-    from transformers import LlavaConfig as HFLlavaConfig
+    """transformers config of ``hf_dir`` (``LlavaConfig``, ``InternVLConfig``; defaults filled)."""
+    family = HF_FAMILIES[read_config_json(hf_dir)["model_type"]]
+    import transformers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return HFLlavaConfig.from_pretrained(str(hf_dir))
+            return getattr(transformers, family.config_class).from_pretrained(str(hf_dir))
         except (ValueError, TypeError, KeyError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UnsupportedModelError(f"{hf_dir}/config.json: {msg}") from None
@@ -243,11 +268,16 @@ def _as_list(feature_layer) -> list:
 def llava_config_from_hf(
     hf_cfg, *, spec: str = "local", make_vocab_size_divisible_by: int = 64
 ) -> tuple[LlavaConfig, list[str]]:
-    """Map a transformers ``LlavaConfig`` to ours.
+    """Map a transformers ``LlavaConfig`` (or another registered family's config) to ours.
 
     Returns:
         (config, notes): notes are one-line warnings about approximations (e.g. sliding window).
     """
+    family = HF_FAMILIES.get(getattr(hf_cfg, "model_type", "llava"))
+    if family is not None and family.from_hf is not None:
+        return family.from_hf(
+            hf_cfg, spec=spec, make_vocab_size_divisible_by=make_vocab_size_divisible_by
+        )
     act = hf_cfg.projector_hidden_act
     if act not in PROJECTOR_ACTIVATIONS:
         raise UnsupportedModelError(
@@ -305,6 +335,9 @@ def hf_config_from_llava(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, 
     """
     from transformers import LlavaConfig as HFLlavaConfig
 
+    for family in HF_FAMILIES.values():
+        if family.exports is not None and family.exports(cfg):
+            return family.to_hf(cfg, dtype)
     if cfg.projector.type != "mlp2x_gelu":
         raise UnsupportedModelError(
             f"projector.type={cfg.projector.type!r} has no HF LlavaForConditionalGeneration "
@@ -380,3 +413,7 @@ def text_hf_config(cfg: LlavaConfig):
     if lm.flavor == "mistral":
         return MistralConfig(sliding_window=None, head_dim=lm.head_dim, **tkw)
     return LlamaConfig(head_dim=lm.head_dim, **tkw)
+
+
+# Families in their own modules register on import.
+from mm_megatron.convert import internvl  # noqa: E402, F401

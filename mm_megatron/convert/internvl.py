@@ -20,8 +20,16 @@ What it does not do: read or write files (the shared converter does), or map the
 
 from __future__ import annotations
 
-from mm_megatron.config.model_config import LlavaConfig
-from mm_megatron.convert.mapping import _identity, _qkv
+from mm_megatron.checkpoint.errors import UnsupportedModelError
+from mm_megatron.config.model_config import (
+    PROJECTOR_ACTIVATIONS,
+    LlavaConfig,
+    ProjectorConfig,
+    TilingConfig,
+    VisionConfig,
+)
+from mm_megatron.convert.hf_config import HF_FAMILIES, HFFamily, text_config_to_ours
+from mm_megatron.convert.mapping import PROJECTOR_RULES, VISION_RULES, _identity, _qkv
 
 HF_TOWER = "model.vision_tower."
 """Prefix of the vision tower in ``InternVLForConditionalGeneration``."""
@@ -112,30 +120,21 @@ def pixel_shuffle_projector_rules(cfg: LlavaConfig, add) -> None:
             add(f"{ours}encoder.{mc}.bias", [f"{pr}{hf_name}.bias"], [(out,)], _identity(), g)
 
 
-def internvl_rules(cfg: LlavaConfig):
-    """Every rule of an InternVL model: LLaVA's LM rules, then InternViT's and the projector's."""
-    from mm_megatron.convert.mapping import Rule, _lm_rules, _swiglu_cat
+def hf_internvl_config(cfg: LlavaConfig, built_layers_only: bool = False):
+    """transformers ``InternVLConfig`` of our InternVL model ``cfg`` (Qwen2 or Llama text).
 
-    rules: list[Rule] = []
-
-    def add(param, hf, shapes, fns, group):
-        shapes = tuple(tuple(s) for s in shapes)
-        rules.append(Rule(param, tuple(hf), shapes, fns[0], fns[1], group, fns[0] is _swiglu_cat))
-
-    _lm_rules(cfg, add)
-    internvit_rules(cfg, add)
-    pixel_shuffle_projector_rules(cfg, add)
-    return rules
-
-
-def hf_internvl_config(cfg: LlavaConfig):
-    """transformers ``InternVLConfig`` of our InternVL model ``cfg`` (Qwen2 or Llama text)."""
+    Args:
+        cfg: the model.
+        built_layers_only: give the tower exactly the layers we build and read the last one
+            (a model trained here has no others); else ``vision.num_layers`` and
+            ``vision.feature_layer`` as they are.
+    """
     from transformers import InternVLConfig
 
     v, lm = cfg.vision, cfg.lm
     vision = dict(
         hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_layers,
+        num_hidden_layers=v.num_layers_built if built_layers_only else v.num_layers,
         num_attention_heads=v.num_attention_heads,
         intermediate_size=v.ffn_hidden_size,
         hidden_act=v.activation or "gelu",
@@ -169,7 +168,106 @@ def hf_internvl_config(cfg: LlavaConfig):
         image_token_id=cfg.image_token_id,
         downsample_ratio=cfg.projector.pixel_shuffle_ratio,
         projector_hidden_act=cfg.projector.activation,
-        vision_feature_layer=v.feature_layer,
+        vision_feature_layer=-1 if built_layers_only else v.feature_layer,
         vision_feature_select_strategy="default" if v.drop_class_token else "full",
         tie_word_embeddings=lm.tie_embeddings,
     )
+
+
+def internvl_config_from_hf(
+    hf_cfg, *, spec: str = "local", make_vocab_size_divisible_by: int = 64
+) -> tuple[LlavaConfig, list[str]]:
+    """Map a transformers ``InternVLConfig`` to ours (UnsupportedModelError names the field)."""
+    where = "config.json vision_config."
+    vc = hf_cfg.vision_config
+    act = hf_cfg.projector_hidden_act
+    if act not in PROJECTOR_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"config.json projector_hidden_act={act!r}: supported are {PROJECTOR_ACTIVATIONS}"
+        )
+    if vc.hidden_act not in PROJECTOR_ACTIVATIONS:
+        raise UnsupportedModelError(f"{where}hidden_act={vc.hidden_act!r} is unsupported")
+    if not vc.use_absolute_position_embeddings or vc.use_mask_token:
+        raise UnsupportedModelError(
+            f"{where}use_absolute_position_embeddings=false / use_mask_token=true are unsupported"
+        )
+    size, patch = list(vc.image_size), list(vc.patch_size)
+    if size[0] != size[1] or patch[0] != patch[1]:
+        raise UnsupportedModelError(f"{where}image_size={size} / patch_size={patch}: not square")
+    layer, strategy = hf_cfg.vision_feature_layer, hf_cfg.vision_feature_select_strategy
+    if not isinstance(layer, int) or layer >= 0:
+        raise UnsupportedModelError(
+            f"config.json vision_feature_layer={layer!r}: only one negative layer index is "
+            "supported"
+        )
+    if strategy not in ("default", "full"):
+        raise UnsupportedModelError(
+            f"config.json vision_feature_select_strategy={strategy!r} (expected default|full)"
+        )
+    lm, notes = text_config_to_ours(hf_cfg.text_config, make_vocab_size_divisible_by)
+    lm.tie_embeddings = bool(getattr(hf_cfg, "tie_word_embeddings", False))
+    eps = float(vc.layer_norm_eps)
+    if vc.use_qk_norm and eps != 1e-6:
+        notes.append(f"QK norm uses layer_norm_eps={eps} here; transformers fixes it at 1e-6")
+    vision = VisionConfig(
+        style="internvit",
+        image_size=size[0],
+        patch_size=patch[0],
+        num_channels=vc.num_channels,
+        num_layers=vc.num_hidden_layers,
+        feature_layer=layer,
+        hidden_size=vc.hidden_size,
+        ffn_hidden_size=vc.intermediate_size,
+        num_attention_heads=vc.num_attention_heads,
+        layernorm_eps=eps,
+        drop_class_token=strategy == "default",
+        # last_hidden_state carries the final LayerNorm unless mean pooling replaces it
+        post_layernorm=layer == -1 and not vc.use_mean_pooling,
+        norm="LayerNorm" if vc.norm_type == "layer_norm" else "RMSNorm",
+        activation=vc.hidden_act,
+        qkv_bias=bool(vc.attention_bias),
+        qk_norm=bool(vc.use_qk_norm),
+        layer_scale_init=float(vc.layer_scale_init_value),
+    )
+    cfg = LlavaConfig(
+        vision=vision,
+        projector=ProjectorConfig(
+            type="pixel_shuffle_mlp",
+            activation=act,
+            pixel_shuffle_ratio=float(hf_cfg.downsample_ratio),
+        ),
+        lm=lm,
+        tiling=TilingConfig(type="internvl_dynamic"),
+        image_token_id=int(hf_cfg.image_token_id),
+    )
+    cfg.set_spec(spec)
+    try:
+        cfg.validate()
+        from mm_megatron.model.image_tokens import image_token_count
+
+        tokens = image_token_count(cfg)
+    except ValueError as e:
+        raise UnsupportedModelError(f"config.json maps to an invalid model config: {e}") from None
+    seq = getattr(hf_cfg, "image_seq_length", None)
+    if seq is not None and int(seq) != tokens:
+        notes.append(f"image_seq_length={seq} but the vision config yields {tokens} per tile")
+    return cfg, notes
+
+
+def _to_hf(cfg: LlavaConfig, dtype: str) -> dict:
+    hf = hf_internvl_config(cfg, built_layers_only=True)
+    hf.architectures = ["InternVLForConditionalGeneration"]
+    d = hf.to_dict()
+    d["dtype"] = dtype
+    return d
+
+
+HF_FAMILIES["internvl"] = HFFamily(
+    architecture="InternVLForConditionalGeneration",
+    config_class="InternVLConfig",
+    from_hf=internvl_config_from_hf,
+    exports=lambda cfg: cfg.vision.style == "internvit",
+    to_hf=_to_hf,
+)
+VISION_RULES["internvit"] = internvit_rules
+PROJECTOR_RULES["pixel_shuffle_mlp"] = pixel_shuffle_projector_rules

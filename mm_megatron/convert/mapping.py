@@ -140,7 +140,11 @@ def build_rules(cfg: LlavaConfig, parts: tuple[str, ...] = PARTS) -> list[Rule]:
         concat = fns[0] is _swiglu_cat
         rules.append(Rule(param, tuple(hf), shapes, fns[0], fns[1], group, concat))
 
-    builders = {"lm": _lm_rules, "vision": _vision_rules, "projector": _projector_rules}
+    builders = {
+        "lm": _lm_rules,
+        "vision": VISION_RULES.get(cfg.vision.style, _vision_rules),
+        "projector": PROJECTOR_RULES.get(cfg.projector.type, _projector_rules),
+    }
     for part in PARTS:
         if part in parts:
             builders[part](cfg, add)
@@ -226,8 +230,13 @@ def _projector_rules(cfg: LlavaConfig, add) -> None:
             add(param + "bias", [f"{pr}{hf_name}.bias"], [(out,)], _identity(), "projector")
 
 
+VISION_RULES: dict[str, Callable] = {}
+"""``vision.style`` -> rule builder ``(cfg, add)`` of encoders other than CLIP/SigLIP."""
+PROJECTOR_RULES: dict[str, Callable] = {}
+"""``projector.type`` -> rule builder ``(cfg, add)`` of projectors other than ``mlp2x_gelu``."""
+
 _BUFFER = re.compile(r"(^|\.)(position_ids|inv_freq)$")
-_VISION_LAYER = re.compile(r"^model\.vision_tower\.encoder\.layers\.(\d+)\.")
+_VISION_LAYER = re.compile(r"^model\.vision_tower\.encoder\.layers?\.(\d+)\.")  # layer: InternViT
 
 
 def passthrough_reason(key: str, cfg: LlavaConfig) -> str | None:
@@ -237,7 +246,7 @@ def passthrough_reason(key: str, cfg: LlavaConfig) -> str | None:
     m = _VISION_LAYER.match(key)
     if m and int(m.group(1)) >= cfg.vision.num_layers_built:
         return "vision layer after vision_feature_layer"
-    if key.startswith("model.vision_tower.post_layernorm."):
+    if key.startswith(("model.vision_tower.post_layernorm.", "model.vision_tower.layernorm.")):
         return "vision post_layernorm (not read by LLaVA)"
     if key.startswith("model.vision_tower.head."):
         return "SigLIP pooling head (not read by LLaVA)"
@@ -252,3 +261,7 @@ def groups_in_order(rules: list[Rule]) -> list[str]:
     for r in rules:
         seen.setdefault(r.group, None)
     return list(seen)
+
+
+# Families with their own encoder/projector rules register them on import.
+from mm_megatron.convert import internvl  # noqa: E402, F401

@@ -190,19 +190,20 @@ def check_logits(
     seed: int = 0,
     rtol: float = 1e-5,
 ) -> Check:
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText  # LLaVA, InternVL
 
     from mm_megatron.convert.verify_inputs import (
         compare_logits,
+        image_side,
         make_verify_inputs,
         tower_tokens_per_image,
     )
 
     name = f"logits TP{tp}xPP{pp}"
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         str(hf_dir), dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    size = model.config.vision_config.image_size
+    size = image_side(model.config)
     tokens = tower_tokens_per_image(model, torch.zeros(1, 3, size, size))  # not image_seq_length
     batch = make_verify_inputs(model.config, tokens, seed=seed)
     with torch.no_grad():

@@ -43,6 +43,18 @@ def tower_tokens_per_image(model, pixel_values: torch.Tensor) -> int:
     return int(features[0].shape[0])
 
 
+def image_side(hf_cfg) -> int:
+    """The vision tower's square input side (InternVL states it as ``[h, w]``)."""
+    size = hf_cfg.vision_config.image_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def image_token_of(hf_cfg) -> int:
+    """The image placeholder id (LLaVA: ``image_token_index``, InternVL: ``image_token_id``)."""
+    index = getattr(hf_cfg, "image_token_index", None)
+    return int(index if index is not None else hf_cfg.image_token_id)
+
+
 def _text(gen: torch.Generator, n: int, vocab: int, avoid: set[int]) -> torch.Tensor:
     ids = torch.randint(6, vocab, (n,), generator=gen)
     for token in avoid:
@@ -68,7 +80,7 @@ def make_verify_inputs(
     """
     gen = torch.Generator().manual_seed(seed)
     vocab = hf_cfg.text_config.vocab_size
-    image = int(hf_cfg.image_token_index)
+    image = image_token_of(hf_cfg)
     pad = getattr(hf_cfg, "pad_token_id", None)
     pad = int(pad) if pad is not None and 0 <= int(pad) < vocab else 0
     avoid = {image, pad}
@@ -89,7 +101,7 @@ def make_verify_inputs(
                 parts.append(torch.tensor([image]))
         rows.append(torch.cat(parts))
         images += [len(pieces) - 1]
-    size = hf_cfg.vision_config.image_size
+    size = image_side(hf_cfg)
     pixels = torch.randn(sum(images), 3, size, size, generator=gen)
     s = max(len(r) for r in rows)
     ours_ids = torch.full((len(rows), s), pad, dtype=torch.long)

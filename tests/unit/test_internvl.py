@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mm_megatron.config import ParallelConfig, get_preset
-from mm_megatron.convert.internvl import hf_internvl_config, internvl_rules
+from mm_megatron.convert.internvl import hf_internvl_config
+from mm_megatron.convert.mapping import build_rules
 from mm_megatron.model.build import build_llava_model
 from mm_megatron.model.flops import projector_forward_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
@@ -37,7 +38,7 @@ def _hf_model(cfg, seed=0):
 def _load(ours, hf, cfg, only: str = "") -> None:
     sd = hf.state_dict()
     params = {k: p for k, p in ours.named_parameters() if k.startswith(only)}
-    rules = [r for r in internvl_rules(cfg) if r.param.startswith(only)]
+    rules = [r for r in build_rules(cfg) if r.param.startswith(only)]
     assert sorted(r.param for r in rules) == sorted(params)  # one rule per parameter
     with torch.no_grad():
         for r in rules:
