@@ -40,6 +40,7 @@ from mm_megatron.convert.common import (
     single_rank,
 )
 from mm_megatron.convert.hf_config import (
+    HF_FAMILIES,
     architecture_dict,
     hf_config_from_llava,
     llava_config_from_hf,
@@ -371,6 +372,8 @@ def _config_json(cfg, hf_files: Path, default: str, override, log) -> tuple[str,
 
 def _synthetic_tensors(cfg) -> dict[str, torch.Tensor]:
     """Weights HF's vision tower has but our model never had (identity post-LayerNorm)."""
+    if any(f.exports is not None and f.exports(cfg) for f in HF_FAMILIES.values()):
+        return {}  # another family's config.json: its tower has exactly our weights
     h = cfg.vision.hidden_size
     return {
         "model.vision_tower.post_layernorm.weight": torch.ones(h),
