@@ -29,9 +29,8 @@ CASES_2 = [
     (dict(tp=2, sequence_parallel=True), True),
     (dict(pp=2), True),
     (dict(cp=2), False),
-    (dict(cp=2), True),
 ]
-"""Two-rank layouts and whether their batches are packed."""
+"""Two-rank layouts and whether their batches are packed (packed CP runs in TP2xCP2+SP)."""
 CASES_4 = [(dict(tp=2, cp=2, sequence_parallel=True), True)]
 """Four-rank layouts."""
 
