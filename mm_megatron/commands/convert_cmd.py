@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = csub.add_parser(
         "hf-to-mcore",
-        help="HF LlavaForConditionalGeneration dir -> mm_megatron checkpoint dir",
+        help="HF LlavaForConditionalGeneration or InternVLForConditionalGeneration dir -> "
+        "mm_megatron checkpoint dir",
         epilog=_EPILOG,
     )
     a.add_argument("--hf", required=True, help="HF checkpoint dir (config.json + safetensors)")

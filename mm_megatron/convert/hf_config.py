@@ -8,6 +8,9 @@ tied or untied embeddings). Everything else raises :class:`UnsupportedModelError
 e.g. ``yarn`` RoPE scaling, an activation outside that list, Llama's
 ``attention_bias`` (bias on o_proj too) or ``mlp_bias``.
 
+Other HF families register in ``HF_FAMILIES`` from their own module (``convert/internvl.py``:
+``InternVLForConditionalGeneration``); this file dispatches on ``model_type``.
+
 Semantics that matter for exactness (read from transformers 5.23):
 
 * ``vision_feature_layer`` indexes ``hidden_states`` of the vision tower, where index 0 is the

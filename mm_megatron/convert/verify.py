@@ -5,8 +5,9 @@ Three checks, printed as a pass/fail table:
 1. **config**: ``config.json`` maps to the same architecture as the checkpoint's run config.
 2. **weights**: every HF tensor equals the checkpoint's (split back into HF layout, compared in
    the checkpoint's dtype, bit-exact), streaming one layer at a time; passthrough tensors too.
-3. **logits**: transformers' ``LlavaForConditionalGeneration`` (fp32, eager attention) and our
-   model loaded from the checkpoint at TP x PP (fp32, local spec) agree on a random batch of a
+3. **logits**: transformers' model (``AutoModelForImageTextToText``: LLaVA, InternVL; fp32, eager
+   attention) and our model loaded from the checkpoint at TP x PP (fp32, local spec; one tile per
+   image) agree on a random batch of a
    few hundred tokens per sample (several images in order, a text-only sample, right padding;
    `verify_inputs.py`), placeholders expanded by the tower's real token count: max |logit
    difference| <= ``rtol`` x max |logit| (or ``atol``) and identical argmax. With TP*PP > 1 the
