@@ -176,4 +176,3 @@ from mm_megatron.model import (  # noqa: E402
     projector_qformer,  # noqa: F401
     projector_resampler,  # noqa: F401
 )
-)
