@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = csub.add_parser(
         "hf-to-mcore",
-        help="HF LlavaForConditionalGeneration or InternVLForConditionalGeneration dir -> "
+        help="HF Llava, LlavaNext, LlavaOnevision or InternVL ForConditionalGeneration dir -> "
         "mm_megatron checkpoint dir",
         epilog=_EPILOG,
     )

@@ -65,22 +65,19 @@ def _read_batch(path: Path) -> list[tuple[list[str], str]]:
     return items
 
 
-def _load_images(paths: list[str], transform):
-    import torch
-
+def _load_images(paths: list[str], transform, model):
     from mm_megatron.data.image import ImageDecodeError, decode_image
+    from mm_megatron.infer.generate import model_image_inputs
 
-    if not paths:
-        return None
-    tensors = []
+    decoded = []
     for p in paths:
         try:
-            tensors.append(transform(decode_image(Path(p).read_bytes())))
+            decoded.append(decode_image(Path(p).read_bytes()))
         except OSError as e:
             raise FileNotFoundError(f"--image {p}: {e.strerror or e}") from None
         except ImageDecodeError as e:
             raise ValueError(f"--image {p}: not a readable image ({e})") from None
-    return torch.stack(tensors)  # [N, 3, H, W]
+    return model_image_inputs(model, transform, decoded)  # [tiles, 3, H, W], per-image facts
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -105,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
         try:
             for paths, prompt in items:
-                images = _load_images(paths, bundle.transform)
+                images, extras = _load_images(paths, bundle.transform, bundle.model)
                 ids = build_prompt(
                     bundle.tokenizer, bundle.template, prompt, len(paths), bundle.system_prompt
                 )
@@ -120,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
                     top_p=args.top_p,
                     seed=args.seed,
                     on_text=stream,
+                    image_inputs=extras,
                 )
                 if args.batch_file is None:
                     print(flush=True)

@@ -142,9 +142,10 @@ class VisionConfig:
             raise ValueError(
                 f"vision.activation={self.activation!r}; choose one of {PROJECTOR_ACTIVATIONS}"
             )
-        if self.image_size % self.patch_size:
+        # The patch conv drops a remainder (SigLIP so400m/14 at 384 px: 27x27 patches).
+        if self.image_size < self.patch_size:
             raise ValueError(
-                f"vision.image_size={self.image_size} is not a multiple of "
+                f"vision.image_size={self.image_size} is smaller than "
                 f"vision.patch_size={self.patch_size}"
             )
         if isinstance(self.feature_layer, list) and not self.feature_layer:
@@ -231,6 +232,12 @@ class TilingConfig:
     """``internvl_dynamic``: most grid tiles (HF ``max_patches``); 1 means one resized tile."""
     use_thumbnail: bool = True
     """``internvl_dynamic``: append the whole image as a last tile when the grid has several."""
+    grid_pinpoints: list[list[int]] = field(default_factory=list)
+    """anyres: candidate (height, width) resolutions in pixels, multiples of
+    ``vision.image_size`` (HF ``image_grid_pinpoints``)."""
+    max_grid_patches: int = 0
+    """anyres: OneVision's ``anyres_max_N`` (the grid's feature budget in tiles; bilinear
+    down-scaling above ~1.1x it); 0 = LLaVA-NeXT (no limit)."""
 
 
 @dataclass

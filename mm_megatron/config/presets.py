@@ -193,6 +193,7 @@ def ref_1_4b() -> LlavaConfig:
 from mm_megatron.config import (  # noqa: E402
     presets_blip2,  # noqa: F401
     presets_internvl,  # noqa: F401
+    presets_llava_next,  # noqa: F401
     presets_mgm,  # noqa: F401
     presets_minicpm,  # noqa: F401
 )

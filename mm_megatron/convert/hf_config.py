@@ -59,6 +59,11 @@ class HFFamily:
     """``cfg -> bool``: this family writes the config.json of ``cfg`` (trained here)."""
     to_hf: Callable | None = None
     """``(cfg, dtype) -> config.json dict`` for a model trained here."""
+    tiling: Callable | None = None
+    """LLaVA-like families (no ``from_hf``): ``hf_cfg -> TilingConfig`` (LLaVA-NeXT's anyres)."""
+    verify_inputs: Callable | None = None
+    """``(hf_cfg, cfg, seed=) -> {"ours", "hf", "lengths"}``: ``convert verify``'s batch for
+    tiled images (None: ``verify_inputs.make_verify_inputs``, one tile per image)."""
 
 
 HF_FAMILIES: dict[str, HFFamily] = {
@@ -69,6 +74,13 @@ HF_FAMILIES: dict[str, HFFamily] = {
 TEXT_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 _VISION_ACT = {"clip": ("quick_gelu",), "siglip": ("gelu_pytorch_tanh", "gelu_tanh")}
+
+
+def register_hf_family(model_type: str, family: HFFamily) -> None:
+    """Add a family of LLaVA-like HF checkpoints under its ``model_type``."""
+    if model_type in HF_FAMILIES:
+        raise ValueError(f"HF family {model_type!r} registered twice")
+    HF_FAMILIES[model_type] = family
 
 
 def read_config_json(hf_dir: Path) -> dict[str, Any]:
@@ -97,6 +109,7 @@ def load_hf_config(hf_dir: Path):
     family = HF_FAMILIES[read_config_json(hf_dir)["model_type"]]
     import transformers
 
+    family = HF_FAMILIES[read_config_json(hf_dir)["model_type"]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -301,13 +314,16 @@ def llava_config_from_hf(
         lm=lm,
         image_token_id=int(hf_cfg.image_token_index),
     )
+    family = HF_FAMILIES.get(getattr(hf_cfg, "model_type", "llava"), HF_FAMILIES["llava"])
+    if family.tiling is not None:  # LLaVA-NeXT / OneVision: LLaVA + anyres settings
+        cfg.tiling = family.tiling(hf_cfg)
     cfg.set_spec(spec)
     try:
         cfg.validate()
     except ValueError as e:
         raise UnsupportedModelError(f"config.json maps to an invalid model config: {e}") from None
     seq = getattr(hf_cfg, "image_seq_length", None)
-    if seq is not None and int(seq) != image_token_count(cfg):
+    if seq is not None and family.tiling is None and int(seq) != image_token_count(cfg):
         notes.append(
             f"image_seq_length={seq} but the vision config yields {image_token_count(cfg)} "
             "image tokens per image"
@@ -419,4 +435,4 @@ def text_hf_config(cfg: LlavaConfig):
 
 
 # Families in their own modules register on import.
-from mm_megatron.convert import internvl  # noqa: E402, F401
+from mm_megatron.convert import internvl, llava_next  # noqa: E402, F401

@@ -47,6 +47,7 @@ _LEGACY = (
     ("lm_head.", "language_model.lm_head."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.vision_tower.", "vision_tower."),
+    ("model.image_newline", "image_newline"),  # LLaVA-NeXT / OneVision
 )
 _VISION = "model.vision_tower."
 

@@ -19,6 +19,8 @@ Layouts (megatron-core 0.19.2, ``SelfAttention.get_query_key_value_tensors`` / `
   ``allow_shape_mismatch``: rows past the stored ones load as zeros, extra stored rows are dropped).
 * CLIP ``class_embedding [h]`` <-> ``class_token [1, 1, h]``; ``pre_layrnorm`` (HF's spelling) <->
   ``pre_layernorm``; ``patch_embedding`` <-> ``conv1``.
+* A tiling scheme with an arrangement (anyres: LLaVA-NeXT, OneVision) has the learned row
+  separator ``image_newline [h]`` <-> ``model.image_newline``, streamed with the projector.
 
 Tensors HF carries but our model never reads (vision layers past ``vision_feature_layer``,
 ``post_layernorm``, SigLIP's pooling ``head``, buffers) are *passthrough*: stored verbatim next to
@@ -228,6 +230,10 @@ def _projector_rules(cfg: LlavaConfig, add) -> None:
         add(param + "weight", [f"{pr}{hf_name}.weight"], [(out, inp)], _identity(), "projector")
         if cfg.projector.bias:
             add(param + "bias", [f"{pr}{hf_name}.bias"], [(out,)], _identity(), "projector")
+    from mm_megatron.model.image_tokens import tile_arrangement
+
+    if tile_arrangement(cfg) is not None:
+        add("image_newline", ["model.image_newline"], [(h,)], _identity(), "projector")
 
 
 VISION_RULES: dict[str, Callable] = {}

@@ -5,9 +5,9 @@ Three checks, printed as a pass/fail table:
 1. **config**: ``config.json`` maps to the same architecture as the checkpoint's run config.
 2. **weights**: every HF tensor equals the checkpoint's (split back into HF layout, compared in
    the checkpoint's dtype, bit-exact), streaming one layer at a time; passthrough tensors too.
-3. **logits**: transformers' model (``AutoModelForImageTextToText``: LLaVA, InternVL; fp32, eager
-   attention) and our model loaded from the checkpoint at TP x PP (fp32, local spec; one tile per
-   image) agree on a random batch of a
+3. **logits**: transformers' model (``AutoModelForImageTextToText``: LLaVA, LLaVA-NeXT,
+   LLaVA-OneVision, InternVL; fp32, eager attention) and our model loaded from the checkpoint at
+   TP x PP (fp32, local spec) agree on a random batch of a
    few hundred tokens per sample (several images in order, a text-only sample, right padding;
    `verify_inputs.py`), placeholders expanded by the tower's real token count: max |logit
    difference| <= ``rtol`` x max |logit| (or ``atol``) and identical argmax. With TP*PP > 1 the
@@ -30,7 +30,12 @@ from mm_megatron.checkpoint import model_io
 from mm_megatron.checkpoint.errors import ConversionError
 from mm_megatron.checkpoint.safetensors_io import read_header, read_tensor
 from mm_megatron.convert.common import HFCheckpoint, single_rank
-from mm_megatron.convert.hf_config import architecture_dict, llava_config_from_hf, load_hf_config
+from mm_megatron.convert.hf_config import (
+    HF_FAMILIES,
+    architecture_dict,
+    llava_config_from_hf,
+    load_hf_config,
+)
 from mm_megatron.convert.keys import KeySpelling
 from mm_megatron.convert.mapping import build_rules, groups_in_order
 
@@ -204,9 +209,14 @@ def check_logits(
     model = AutoModelForImageTextToText.from_pretrained(
         str(hf_dir), dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    size = image_side(model.config)
-    tokens = tower_tokens_per_image(model, torch.zeros(1, 3, size, size))  # not image_seq_length
-    batch = make_verify_inputs(model.config, tokens, seed=seed)
+    family = HF_FAMILIES[model.config.model_type]
+    if family.verify_inputs is not None:  # tiled images: the family builds tiles and counts
+        ours_cfg = model_io.read_run_config(ckpt_dir).model
+        batch = family.verify_inputs(model.config, ours_cfg, seed=seed)
+    else:
+        size = image_side(model.config)
+        tokens = tower_tokens_per_image(model, torch.zeros(1, 3, size, size))
+        batch = make_verify_inputs(model.config, tokens, seed=seed)
     with torch.no_grad():
         ref = model(**batch["hf"], use_cache=False).logits.float()
     del model

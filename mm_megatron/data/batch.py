@@ -26,6 +26,9 @@ Contract (all CPU tensors; b = rows in the micro batch, s = text length after pa
   loss applies (assistant turns and their end token; the caption + eos for `plain`), -100
   elsewhere. Placeholders and padding are always -100, and so is the first token of every
   (sub-)sequence, so the shift never puts loss across a packing boundary.
+- `image_sizes` int64 [N, 2]: each image's original (height, width) in pixels (the anyres model
+  unpads its tile grid by it). The data pipeline always adds it; hand-built batches without a
+  tiling arrangement may leave it out.
 - `seq_lens` int64 [b, k]: only when packing is on: text lengths of the packed sub-sequences of
   each row, zero-padded on the right; each row sums to <= s. Absent without packing.
 - `sample_keys` list[str]: webdataset `__key__` of every sample, row-major (one per row without
@@ -72,6 +75,10 @@ class ImageGeometry:
 
     newline_rows: int = 0
     """Row-separator embeddings the model appends (tiling schemes that mark grid rows)."""
+
+    image_size: tuple[int, int] | None = None
+    """Original (height, width) in pixels, for schemes whose count depends on it (anyres
+    unpadding); None otherwise."""
 
 
 def expanded_length(text_len: int, image_tokens: Sequence[int]) -> int:
@@ -207,6 +214,10 @@ def validate_batch(
     for key, value in (("num_tiles", num_tiles), ("image_tokens", image_tokens)):
         _check(value.shape == (total,), f"{key} must be [{total}], got {tuple(value.shape)}")
         _check(bool((value >= 1).all()), f"{key} must be >= 1, got {value.tolist()}")
+    if "image_sizes" in batch:
+        sizes = _check_tensor(batch, "image_sizes", torch.long, 2)
+        _check(sizes.shape == (total, 2), f"image_sizes must be [{total}, 2], got {sizes.shape}")
+        _check(bool((sizes >= 1).all()), f"image_sizes must be >= 1, got {sizes.tolist()}")
     tiles = int(num_tiles.sum())
     _check(
         images.shape[0] == tiles, f"{images.shape[0]} image tiles for num_tiles summing to {tiles}"

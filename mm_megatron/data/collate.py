@@ -69,6 +69,7 @@ def collate_rows(
     num_images = np.zeros(b, dtype=np.int64)  # [b]
     num_tiles: list[np.ndarray] = []  # per example: [n_images]
     image_tokens: list[np.ndarray] = []  # per example: [n_images]
+    image_sizes: list[np.ndarray] = [np.zeros((0, 2), dtype=np.int64)]  # per example: [n, 2]
     expanded_lens: list[int] = []  # per example
     seq_lens = np.zeros((b, max((len(row) for row in rows), default=0)), dtype=np.int64)  # [b, k]
     images: list[np.ndarray] = []
@@ -86,6 +87,7 @@ def collate_rows(
                 images.append(ex.images)
             num_tiles.append(ex.num_tiles)
             image_tokens.append(ex.image_tokens)
+            image_sizes.append(ex.image_sizes)
             expanded_lens.append(ex.expanded_len)
             keys.append(ex.key)
     # numpy throughout: single-threaded copies, no torch intra-op thread contention.
@@ -99,6 +101,7 @@ def collate_rows(
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "expanded_lens": torch.tensor(expanded_lens, dtype=torch.long),
+        "image_sizes": torch.from_numpy(np.concatenate(image_sizes)),  # [N, 2]
         "sample_keys": keys,
     }
     if packed:

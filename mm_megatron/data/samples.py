@@ -90,6 +90,9 @@ class Example:
     expanded_len: int
     """Length after image expansion: s_text - n_images + sum(image_tokens)."""
 
+    image_sizes: np.ndarray
+    """int64 [n_images, 2]: original (height, width) of each image (anyres unpads by it)."""
+
 
 @dataclass
 class BadSample:
@@ -181,7 +184,7 @@ class SampleProcessor:
 
     def __call__(
         self, available: Collection[str], read: Callable[[str], bytes]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
         """Build `Example`'s fields after `position` (input_ids, labels, images, num_tiles,
         image_tokens, expanded_len) or raise `BadSampleError`.
 
@@ -218,12 +221,14 @@ class SampleProcessor:
         num_tiles: list[int] = []  # per placeholder (a layout gives every tile its own)
         image_tokens: list[int] = []
         layouts: list[list[int] | None] = []
+        image_sizes: list[list[int]] = []  # per placeholder: original (height, width)
         for i in range(num_images):
             ext = next((f"{i}.{e}" for e in IMAGE_EXTENSIONS if f"{i}.{e}" in available), None)
             if ext is None:
                 raise BadSampleError("missing_image", f"no member for image {i} ({image_names[i]})")
             try:
-                tiled = self.tiler(decode_image(read(ext)))
+                img = decode_image(read(ext))
+                tiled = self.tiler(img)
             except ImageDecodeError as e:
                 raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
             tiles.append(tiled.tiles)
@@ -231,9 +236,11 @@ class SampleProcessor:
             if tiled.layout is None:
                 num_tiles.append(n)
                 image_tokens.append(self.image_tokens(tiled.geometry))
+                image_sizes.append([img.height, img.width])
             else:  # separator tokens between the tiles: one placeholder per tile
                 num_tiles += [1] * n
                 image_tokens += [self.image_tokens(ImageGeometry(num_tiles=1))] * n
+                image_sizes += [[img.height, img.width]] * n
             layouts.append(None if tiled.layout is None else layout_token_ids(tiled.layout, info))
         ids, labels = tokens.input_ids, tokens.labels
         if any(layout is not None for layout in layouts):
@@ -252,4 +259,5 @@ class SampleProcessor:
             np.asarray(num_tiles, dtype=np.int64),
             np.asarray(image_tokens, dtype=np.int64),
             total,
+            np.asarray(image_sizes, dtype=np.int64).reshape(-1, 2),
         )

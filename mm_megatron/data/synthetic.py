@@ -191,10 +191,12 @@ def draw_shape(
     return img
 
 
-def _random_image(rng: random.Random, image_size: int, colour: str | None = None) -> dict:
-    """Attributes and drawing of one random image."""
+def _random_image(
+    rng: random.Random, image_size: int, colour: str | None = None, non_square: float = 0.25
+) -> dict:
+    """Attributes and drawing of one random image (``non_square``: share of 4:3 / 3:4 ones)."""
     width = height = image_size
-    if rng.random() < 0.25:  # some non-square images exercise pad/resize
+    if rng.random() < non_square:  # non-square images exercise pad/resize and anyres grids
         if rng.random() < 0.5:
             height = round(image_size * 0.75)
         else:
@@ -216,7 +218,11 @@ def _with_image(rng: random.Random, text: str, n: int = 1) -> str:
 
 
 def make_sample(
-    rng: random.Random, image_size: int, multi_image_fraction: float, text_only_fraction: float
+    rng: random.Random,
+    image_size: int,
+    multi_image_fraction: float,
+    text_only_fraction: float,
+    non_square_fraction: float = 0.25,
 ) -> tuple[list[dict], list[Image.Image], str]:
     """One random sample: (conversations, images, kind).
 
@@ -225,7 +231,9 @@ def make_sample(
         image_size: Longer side of the drawn images.
         multi_image_fraction: Probability of a two-image sample.
         text_only_fraction: Probability of a sample without images.
+        non_square_fraction: Probability that an image is 4:3 or 3:4 rather than square.
     """
+    ns = non_square_fraction
     u = rng.random()
     if u < text_only_fraction:
         if rng.random() < 0.5:
@@ -236,10 +244,12 @@ def make_sample(
             question = MIX_QUESTION.format(a, b)
         return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], [], "text"
     if u < text_only_fraction + multi_image_fraction:
-        first = _random_image(rng, image_size)
+        first = _random_image(rng, image_size, non_square=ns)
         same = rng.random() < 0.5
         other = rng.choice(sorted(set(COLOURS) - {first["colour"]}))
-        second = _random_image(rng, image_size, colour=first["colour"] if same else other)
+        second = _random_image(
+            rng, image_size, colour=first["colour"] if same else other, non_square=ns
+        )
         turns = [
             {
                 "from": "human",
@@ -251,7 +261,7 @@ def make_sample(
             turns.append({"from": "human", "value": SECOND_SHAPE_QUESTION})
             turns.append({"from": "gpt", "value": second["shape"]})
         return turns, [first["image"], second["image"]], "multi"
-    attrs = _random_image(rng, image_size)
+    attrs = _random_image(rng, image_size, non_square=ns)
     if rng.random() < 0.55:
         caption = f"a {attrs['colour']} {attrs['shape']} {POSITION_PHRASES[attrs['position']]}"
         prompt = _with_image(rng, rng.choice(CAPTION_PROMPTS))
@@ -326,6 +336,7 @@ def write_synthetic_dataset(
     image_format: str = "jpg",
     multi_image_fraction: float = 0.1,
     text_only_fraction: float = 0.05,
+    non_square_fraction: float = 0.25,
     vocab_size: int = 1024,
     show_progress: bool = False,
 ) -> dict:
@@ -341,6 +352,7 @@ def write_synthetic_dataset(
         image_format: `jpg` or `png`.
         multi_image_fraction: Fraction of two-image samples.
         text_only_fraction: Fraction of samples without images.
+        non_square_fraction: Fraction of 4:3 / 3:4 images (the rest are square).
         vocab_size: Upper bound of the tokenizer's vocabulary.
         show_progress: Show a progress bar per split (stderr).
 
@@ -356,6 +368,7 @@ def write_synthetic_dataset(
         "image_size": image_size,
         "multi_image_fraction": multi_image_fraction,
         "text_only_fraction": text_only_fraction,
+        "non_square_fraction": non_square_fraction,
     }
     splits, corpus = {}, []
     for split, n in (("train", n_train), ("val", n_val)):

@@ -128,4 +128,8 @@ def splice_layouts(
 
 
 # Schemes in their own modules register on import (one line each).
-from mm_megatron.data import tiling_internvl, tiling_minicpm  # noqa: E402, F401
+from mm_megatron.data import (  # noqa: E402
+    tiling_anyres,  # noqa: F401
+    tiling_internvl,  # noqa: F401
+    tiling_minicpm,  # noqa: F401
+)

@@ -6,6 +6,9 @@ What this file does:
   template up to where the assistant's answer starts (`tokenize_conversation` on a turn with an
   empty answer, cut at the first position with loss, so training and generation share one
   formatting), plus the text that ends an answer under that template (`stop_text`).
+- `model_image_inputs(model, transform, images)`: pixels and per-image facts (tiles, token
+  counts, original sizes) of images as the model's tiling scheme cuts them (one tile per image
+  without a scheme; anyres grids with one).
 - `Generator.generate(...)`: greedy, temperature and nucleus (top-p) sampling, streaming the new
   text through a callback. With `use_cache=True` (the default) the prompt is merged (text + image
   embeddings) and run through the language model once, filling megatron-core's
@@ -32,11 +35,39 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
+from PIL import Image
 
 from mm_megatron.data.batch import IGNORE_INDEX
+from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.templates import EOS, get_template, tokenize_conversation
+from mm_megatron.data.tiling import build_tiler
+
+
+def model_image_inputs(
+    model, transform: ImageTransform, images: list[Image.Image]
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(pixels [T, 3, H, W] or None, {num_tiles, image_tokens, image_sizes}) for `images`.
+
+    Args:
+        model: The `LlavaModel` (its `cfg.tiling` and `count_image_tokens`).
+        transform: Squares and normalises tiles (the run's image settings).
+        images: RGB images in placeholder order.
+    """
+    if not images:
+        return None, {}
+    tiler = build_tiler(model.cfg.tiling, transform)
+    tiled = [tiler(img) for img in images]
+    pixels = transform.normalize_pixels(np.concatenate([t.tiles for t in tiled]))
+    extras = {
+        "num_tiles": torch.tensor([t.tiles.shape[0] for t in tiled]),
+        "image_tokens": torch.tensor([model.count_image_tokens(t.geometry) for t in tiled]),
+        "image_sizes": torch.tensor([[img.height, img.width] for img in images]),
+    }
+    return torch.from_numpy(pixels), extras
+
 
 PLAIN_STOP = "\n"
 """The `plain` template ends a caption with a newline (LLaVA's preprocess_plain)."""
@@ -135,8 +166,10 @@ class Generator:
         )  # [1, s or 1, padded vocab]
         return out[0, -1, : self.model.cfg.lm.vocab_size]
 
-    def _prefill(self, images, input_ids: torch.Tensor, context) -> tuple[torch.Tensor, int]:
-        di = self.model.prepare_decoder_inputs(images, input_ids)
+    def _prefill(
+        self, images, input_ids: torch.Tensor, context, extras: dict | None = None
+    ) -> tuple[torch.Tensor, int]:
+        di = self.model.prepare_decoder_inputs(images, input_ids, **(extras or {}))
         emb = di.embeddings  # [s, 1, h]
         return self._lm(emb, context), emb.shape[0]
 
@@ -162,6 +195,7 @@ class Generator:
         seed: int = 0,
         use_cache: bool = True,
         on_text: Callable[[str], None] | None = None,
+        image_inputs: dict[str, torch.Tensor] | None = None,
     ) -> Generation:
         """Generate an answer to a prompt built by `build_prompt`.
 
@@ -174,6 +208,8 @@ class Generator:
             seed: Sampling seed.
             use_cache: Use the KV cache (False recomputes the sequence at every step).
             on_text: Called with each new piece of decoded text (streaming).
+            image_inputs: `num_tiles`, `image_tokens`, `image_sizes` of `images`
+                (`model_image_inputs`); needed by tiling schemes, else one tile per image.
         """
         model, tok = self.model, self.info.tokenizer
         was_training = model.training
@@ -187,12 +223,14 @@ class Generator:
         try:
             if use_cache:
                 # the cache holds the merged (image-expanded) prompt and every new token
-                context = StaticInferenceContext(1, model.plan(ids).seq_len + max_new_tokens)
-                logits, s = self._prefill(images, ids, context)
+                tokens = (image_inputs or {}).get("image_tokens")
+                seq_len = model.plan(ids, image_tokens=tokens).seq_len
+                context = StaticInferenceContext(1, seq_len + max_new_tokens)
+                logits, s = self._prefill(images, ids, context, image_inputs)
                 context.sequence_len_offset += s
                 result.positions_computed += s
             else:
-                logits, s = self._prefill(images, ids, None)
+                logits, s = self._prefill(images, ids, None, image_inputs)
                 result.positions_computed += s
             shown = ""
             while len(result.token_ids) < max_new_tokens:
@@ -218,7 +256,7 @@ class Generator:
                     result.positions_computed += 1
                 else:
                     ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
-                    logits, s = self._prefill(images, ids, None)
+                    logits, s = self._prefill(images, ids, None, image_inputs)
                     result.positions_computed += s
             if on_text is not None and len(result.text) > len(shown):
                 on_text(result.text[len(shown) :])

@@ -17,7 +17,7 @@ import torch
 
 from mm_megatron.data.image import ImageTransform, decode_image
 from mm_megatron.data.shards import ShardMembers, resolve_shards
-from mm_megatron.infer.generate import Generator, build_prompt
+from mm_megatron.infer.generate import Generator, build_prompt, model_image_inputs
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Member extensions taken as images (`0.jpg`, ...)."""
@@ -83,10 +83,12 @@ def caption_samples(
     generator = Generator(model, tokenizer_info, template)
     answers = []
     for sample in samples:
-        image = transform(decode_image(sample.image_bytes)).unsqueeze(0)  # [1, 3, H, W]
+        # [tiles, 3, H, W]: one tile, or the model's tiling scheme's tiles
+        image, extras = model_image_inputs(model, transform, [decode_image(sample.image_bytes)])
         prompt = build_prompt(tokenizer_info, template, sample.prompt, 1, system_prompt)
         with torch.no_grad():
-            answers.append(
-                generator.generate(image, prompt, max_new_tokens=max_new_tokens).text.strip()
+            out = generator.generate(
+                image, prompt, max_new_tokens=max_new_tokens, image_inputs=extras
             )
+            answers.append(out.text.strip())
     return answers

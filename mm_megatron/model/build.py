@@ -41,6 +41,8 @@ def freeze(model: LlavaModel, *, vision: bool, projector: bool, lm: bool) -> Non
     for module in connector():
         for p in module.parameters():
             p.requires_grad_(not projector)
+    if getattr(model, "image_newline", None) is not None:  # a tiling scheme's row separator
+        model.image_newline.requires_grad_(not projector)
 
 
 def _group_rank(group, size: int) -> int:

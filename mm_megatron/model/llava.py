@@ -9,7 +9,12 @@ Forward contract (all stages receive the same batch; see ``mm_megatron/data/batc
 ``images [N_tiles, 3, H, W]``, ``input_ids [b, s]`` with one placeholder per image, unshifted
 ``labels [b, s]`` (-100 = no loss), optional ``num_images [b]``, ``num_tiles [N]`` and
 ``image_tokens [N]`` (default: one tile per image, counted by ``ImageTokenCounter``),
+``image_sizes [N, 2]`` (tiling schemes with an arrangement, e.g. anyres),
 ``seq_lens [b, k]`` (packed), ``expanded_lens`` (statistics only; ignored here).
+
+With a tiling arrangement (``ImageTokenCounter.arrangement``, e.g. ``model/anyres.py``) the
+first stage also holds the learned ``image_newline [h]`` and reassembles each image's tile
+features (unpad, newline per row, base tile first) before the merge.
 Returns, on the last stage, ``(per_token_loss [b, s_local], loss_mask [b, s_local])`` when labels
 are given, else logits ``[b, s_local, vocab]`` (TP-gathered, vocab padding stripped); on other
 stages the hidden states ``[s_local, b, h]`` for the next one (``s_local`` = this CP rank's share
@@ -109,6 +114,13 @@ class LlavaModel(MegatronModule):
                 projector_config, cfg.projector, cfg.vision.feature_width, pg_collection
             )
         self.count_image_tokens = ImageTokenCounter.from_config(cfg)
+        self.arrangement = self.count_image_tokens.arrangement
+        self.image_newline = None
+        if add_encoder and self.arrangement is not None:
+            self.image_newline = torch.nn.Parameter(
+                torch.empty(cfg.lm.hidden_size, dtype=projector_config.params_dtype)
+            )
+            torch.nn.init.normal_(self.image_newline, std=cfg.init_method_std)
         # Pads to the CP/SP shard factor, splits to this CP rank, scatters to the SP region.
         self.padder = CPPadder(
             tp=self.tp_size,
@@ -145,6 +157,11 @@ class LlavaModel(MegatronModule):
         is one tile, counted by ``ImageTokenCounter``.
         """
         if image_tokens is None:
+            if self.arrangement is not None and (input_ids == self.cfg.image_token_id).any():
+                raise ValueError(
+                    f"tiling.type={self.cfg.tiling.type!r}: the batch must carry image_tokens "
+                    "(the count depends on each image's size)"
+                )
             image_tokens = self.count_image_tokens()
         return plan_merge(
             input_ids,
@@ -160,14 +177,34 @@ class LlavaModel(MegatronModule):
         """images [N_tiles, C, H, W] -> projected features [N_tiles, T', h_lm], one encoder call."""
         return self.vision_projection(self.vision_model(images))
 
-    def _merged_embeddings(self, images, input_ids, plan: MergePlan) -> torch.Tensor:
+    def arrange_features(self, feats, num_tiles, image_sizes) -> torch.Tensor:
+        """Projected tile features [N_tiles, T', h] -> image embeddings [sum(image_tokens), h]."""
+        if self.arrangement is None:
+            return feats.flatten(0, 1)  # tiles consecutive per image, images in order
+        if num_tiles is None or image_sizes is None:
+            raise ValueError(
+                f"tiling.type={self.cfg.tiling.type!r} needs num_tiles and image_sizes in the batch"
+            )
+        tiles, sizes = num_tiles.tolist(), image_sizes.tolist()
+        if sum(tiles) != feats.shape[0]:
+            raise ValueError(f"num_tiles sums to {sum(tiles)} for {feats.shape[0]} image tiles")
+        out = []
+        for i, (f, hw) in enumerate(zip(feats.split(tiles), sizes)):
+            self.arrangement.check_tiles(f.shape[0], hw, i)
+            out.append(self.arrangement.arrange(f, hw, self.image_newline))
+        return torch.cat(out)  # [sum(image_tokens), h]
+
+    def _merged_embeddings(
+        self, images, input_ids, plan: MergePlan, num_tiles=None, image_sizes=None
+    ) -> torch.Tensor:
         """Text + image embeddings, expanded: [b, s_out, h]."""
         ids = input_ids.clamp(0, self.padded_vocab_size - 1)
         text = self.language_model.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
         text = text.transpose(0, 1)  # [b, s, h]
         if images is not None and images.shape[0] > 0:
             # tiles of an image are consecutive, images in placeholder order: image-major rows
-            feats = self.encode_images(images).flatten(0, 1)  # [N_tiles * T', h]
+            feats = self.encode_images(images)  # [N_tiles, T', h]: one call for every tile
+            feats = self.arrange_features(feats, num_tiles, image_sizes)  # [sum tokens, h]
         else:
             feats = text.new_zeros(0, text.shape[-1])
         merged = merge_embeddings(text, feats, plan)  # [b, s_out, h]
@@ -184,6 +221,8 @@ class LlavaModel(MegatronModule):
                 device=merged.device,
             )
             merged = merged + 0.0 * self.encode_images(dummy).sum()
+            if self.image_newline is not None:
+                merged = merged + 0.0 * self.image_newline.sum()
         return merged
 
     def prepare_decoder_inputs(
@@ -195,6 +234,8 @@ class LlavaModel(MegatronModule):
         seq_lens: torch.Tensor | None = None,
         min_seq_len: int = 0,
         image_tokens: torch.Tensor | None = None,
+        num_tiles: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> DecoderInputs:
         """Merge, shift labels, pad for CP/SP, split to this CP rank, scatter to SP.
 
@@ -211,7 +252,11 @@ class LlavaModel(MegatronModule):
                 torch.arange(plan.seq_len, device=input_ids.device)[None] < plan.lengths[:, None]
             )
             loss_mask = loss_mask * valid
-        emb = self._merged_embeddings(images, input_ids, plan) if self.pre_process else None
+        emb = (
+            self._merged_embeddings(images, input_ids, plan, num_tiles, image_sizes)
+            if self.pre_process
+            else None
+        )
         seg = None
         if plan.segment_lengths is not None:
             seg = plan.segment_lengths[plan.segment_lengths > 0]  # [n_seq]
@@ -236,12 +281,22 @@ class LlavaModel(MegatronModule):
         image_tokens: torch.Tensor | None = None,
         num_tiles: torch.Tensor | None = None,
         expanded_lens: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ):
-        # num_tiles: tiles are consecutive per image and every tile is encoded alike, so the
-        # flat tile order already is the image order; expanded_lens is for statistics.
-        del num_tiles, expanded_lens
+        # num_tiles / image_sizes: only a tiling arrangement reads them (tiles are consecutive
+        # per image, so the flat tile order already is the image order); expanded_lens is for
+        # statistics.
+        del expanded_lens
         di = self.prepare_decoder_inputs(
-            images, input_ids, labels, num_images, seq_lens, min_seq_len, image_tokens
+            images,
+            input_ids,
+            labels,
+            num_images,
+            seq_lens,
+            min_seq_len,
+            image_tokens,
+            num_tiles,
+            image_sizes,
         )
         padded = self.padded_vocab_size != self.cfg.lm.vocab_size
         out = self.language_model(

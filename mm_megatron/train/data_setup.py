@@ -237,6 +237,8 @@ class StepStats:
     """Samples (packed sub-sequences count one each)."""
     image_tokens: list[int] = field(default_factory=list)
     """Embeddings of every image."""
+    num_tiles: int = 0
+    """Encoder tiles (one ViT pass each; equals ``num_images`` without a tiling scheme)."""
 
     @property
     def tokens(self) -> int:
@@ -263,16 +265,21 @@ class StepBatches:
         """The next step's micro-batches (model inputs only) and their statistics."""
         if self._iter is None:
             self._iter = iter(self.loader)
-        batches, lens, tokens, samples = [], [], [], 0
+        batches, lens, tokens, samples, tiles = [], [], [], 0, 0
         for _ in range(self.num_microbatches):
             batch = next(self._iter)
             samples += len(batch.pop("sample_keys"))
             lens += batch.pop("expanded_lens").tolist()
             tokens += batch["image_tokens"].tolist()
+            tiles += int(batch["num_tiles"].sum())
             if self.blank_images:
                 batch["images"] = torch.zeros_like(batch["images"])
             batches.append(batch)
         stats = StepStats(
-            seq_lens=lens, num_images=len(tokens), image_tokens=tokens, samples=samples
+            seq_lens=lens,
+            num_images=len(tokens),
+            image_tokens=tokens,
+            samples=samples,
+            num_tiles=tiles,
         )
         return batches, stats

@@ -101,6 +101,8 @@ def caption_attribute_accuracy(
                     None,
                     batch["num_images"],
                     image_tokens=tokens,
+                    num_tiles=batch.get("num_tiles"),
+                    image_sizes=batch.get("image_sizes"),  # a tiling arrangement reads these
                 )
                 pred = logits.argmax(dim=-1)  # [b, s_out]
                 plan = model.plan(

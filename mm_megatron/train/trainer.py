@@ -337,7 +337,7 @@ class Trainer:
         counters = self.train_batches.loader.counters
         flops = 0.0
         if stats is not None:
-            flops = float(train_step_flops(self.job.model, stats.seq_lens, stats.num_images).total)
+            flops = float(train_step_flops(self.job.model, stats.seq_lens, stats.num_tiles).total)
         sums = self._agree(
             [
                 float(error is not None),

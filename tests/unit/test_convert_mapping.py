@@ -171,10 +171,13 @@ def test_unsupported_architecture_in_config_json(tmp_path):
 
     (tmp_path / "config.json").write_text(
         json.dumps(
-            {"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}
+            {
+                "model_type": "llava_next_video",
+                "architectures": ["LlavaNextVideoForConditionalGeneration"],
+            }
         )
     )
-    with pytest.raises(UnsupportedModelError, match="LlavaNextForConditionalGeneration"):
+    with pytest.raises(UnsupportedModelError, match="LlavaNextVideoForConditionalGeneration"):
         read_config_json(tmp_path)
     with pytest.raises(MissingFileError, match="config.json"):
         read_config_json(tmp_path / "nope")

@@ -1,0 +1,172 @@
+"""Anyres (LLaVA-NeXT tiling + OneVision's anyres_max down-scaling) through every layout: data ->
+tiles -> arrangement -> merge -> CP padding -> loss -> FLOPs, with parity against one rank at
+TP2, TP2+SP, PP2, CP2 (padded and packed THD rows; each with DP2) and TP2 x CP2 + SP, in one
+4-rank gloo world.
+
+The micro-batches come from the real data pipeline: synthetic shards whose images are square,
+wide and tall (so the best-fit grid and the unpadded feature map differ per image), with
+single-image, two-image and text-only samples. The tiler cuts them, ``ImageTokenCounter`` sizes
+them, and the model encodes all tiles of a micro-batch in one call and reassembles them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mm_megatron.data import DataConfig, build_dataloader, validate_batch
+from mm_megatron.data.synthetic import write_synthetic_dataset
+from mm_megatron.model.flops import train_step_flops
+from mm_megatron.model.image_tokens import ImageTokenCounter
+from mm_megatron.model.merge import plan_merge
+from tests.distributed.launcher import run_distributed
+from tests.distributed.parity import assert_parity, full_weights, run_layouts, tiny_config
+
+pytestmark = pytest.mark.distributed
+
+# One 4-rank world runs every case (one start-up instead of two): the 2-way layouts with DP2.
+CASES = [
+    (dict(tp=2), False),
+    (dict(tp=2, sequence_parallel=True), False),
+    (dict(pp=2), False),
+    (dict(cp=2), False),
+    (dict(cp=2), True),
+    (dict(tp=2, cp=2, sequence_parallel=True), False),
+]
+
+
+def anyres_config():
+    cfg = tiny_config()  # 32 px tiles / 8 px patches: 4x4 features per tile, class token dropped
+    cfg.tiling.type = "anyres"
+    cfg.tiling.grid_pinpoints = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+    cfg.tiling.max_grid_patches = 3  # OneVision's anyres_max_3: square 8x8 maps shrink to 6x6
+    cfg.lm.max_position_embeddings = 512
+    return cfg
+
+
+def loader_batches(cfg, data_dir: str, packed: bool) -> list[dict]:
+    """Four micro-batches of the real loader (model inputs only, sample keys dropped)."""
+    config = DataConfig(
+        val_shards=data_dir,
+        tokenizer_path=os.path.join(data_dir, "tokenizer"),
+        image_size=cfg.vision.image_size,
+        max_seq_len=320,
+        packing=packed,
+        num_workers=0,
+        template="plain",
+    )
+    loader = build_dataloader(
+        config,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=2,
+        image_tokens=ImageTokenCounter.from_config(cfg),
+        seed=0,
+        tiling=cfg.tiling,
+        split="val",
+    )
+    batches = []
+    for batch in loader:
+        validate_batch(batch, cfg.image_token_id, image_size=cfg.vision.image_size)
+        batch.pop("sample_keys")
+        batches.append(batch)
+        if len(batches) == 4:
+            return batches
+    raise AssertionError("the synthetic split is too small for four micro-batches")
+
+
+def _weights(rank, world, cfg):
+    return full_weights(cfg)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = anyres_config()
+    data_dir = str(tmp_path_factory.mktemp("anyres-synth"))
+    write_synthetic_dataset(
+        data_dir,
+        n_train=4,
+        n_val=48,
+        image_size=64,  # 64 px images (48 px on one side when not square) on 32 px tiles
+        shard_size=24,
+        seed=3,
+        multi_image_fraction=0.3,
+        text_only_fraction=0.2,
+        non_square_fraction=0.7,
+        vocab_size=cfg.lm.vocab_size,
+    )
+    data = {packed: loader_batches(cfg, data_dir, packed) for packed in (False, True)}
+    weights = run_distributed(_weights, 1, cfg)[0]
+    assert "image_newline" in weights
+    refs = run_distributed(
+        run_layouts, 1, [({}, False, False), ({}, True, False)], cfg, weights, data
+    )[0]
+    return cfg, weights, data, {False: refs[0], True: refs[1]}
+
+
+def test_batches_carry_per_image_tiles_and_counts(setup):
+    cfg, _, data, refs = setup
+    counter = ImageTokenCounter.from_config(cfg)
+    arr = counter.arrangement
+    for packed, batches in data.items():
+        tiles = torch.cat([b["num_tiles"] for b in batches])
+        tokens = torch.cat([b["image_tokens"] for b in batches])
+        sizes = torch.cat([b["image_sizes"] for b in batches])
+        assert len(set(map(tuple, sizes.tolist()))) >= 3, "want square, wide and tall images"
+        assert len(set(tokens.tolist())) >= 2, "want different token counts per image"
+        shrunk = [arr.feature_hw(hw) != arr.unpadded_hw(hw) for hw in sizes.tolist()]
+        assert any(shrunk) and not all(shrunk), "want grids both under and over the budget"
+        for t, n, hw in zip(tiles.tolist(), tokens.tolist(), sizes.tolist()):
+            assert t == arr.num_tiles(hw) > 1
+            h, w = arr.feature_hw(hw)
+            assert n == counter.tokens_per_tile + h * (w + 1)  # base + rows x (cols + newline)
+        assert max(int(b["num_images"].max()) for b in batches) >= 2
+        if not packed:
+            assert min(int(b["num_images"].min()) for b in batches) == 0, "want a text-only row"
+        if packed:
+            for b in batches:
+                plan = plan_merge(
+                    b["input_ids"], cfg.image_token_id, b["image_tokens"], seq_lens=b["seq_lens"]
+                )
+                seg = plan.segment_lengths
+                assert seg[seg > 0].tolist() == b["expanded_lens"].tolist()
+        labelled = sum(int((b["labels"] != -100).sum()) for b in batches)
+        assert refs[packed]["tokens"] == labelled
+
+
+def test_step_flops_count_tiles_and_newlines(setup):
+    from mm_megatron.model.vision import vision_encoder_class
+    from mm_megatron.train.data_setup import StepBatches
+
+    cfg, _, data, _ = setup
+    batches = [dict(b, sample_keys=["k"] * len(b["expanded_lens"])) for b in data[False]]
+    _, stats = StepBatches(batches, len(batches), blank_images=False).next_step()
+    tiles = sum(int(b["num_tiles"].sum()) for b in data[False])
+    assert stats.num_tiles == tiles > stats.num_images  # the trainer's FLOPs count tiles
+    f = train_step_flops(cfg, stats.seq_lens, stats.num_tiles, training=False)
+    assert f.vision == tiles * vision_encoder_class(cfg.vision.style).forward_flops(cfg.vision, 1)
+    # the LM's lengths are the expanded ones: newline embeddings included (checked per image
+    # against base + rows x (cols + 1) in the test above)
+    assert stats.seq_lens == [n for b in data[False] for n in b["expanded_lens"].tolist()]
+    assert stats.image_tokens == [n for b in data[False] for n in b["image_tokens"].tolist()]
+
+
+@pytest.mark.timeout(1500)
+def test_parity_with_anyres(setup):
+    cfg, weights, data, refs = setup
+    jobs = [(layout, packed, False) for layout, packed in CASES]
+    got = run_distributed(run_layouts, 4, jobs, cfg, weights, data, timeout=1200)[0]
+    for (layout, packed), result in zip(CASES, got):
+        assert_parity(refs[packed], result, what=f"{layout} packed={packed} (DP fills 4 ranks)")
+        ref = refs[packed]
+        worst = max(
+            float((result[kind][k] - r).norm() / r.norm().clamp_min(1e-12))
+            for kind in ("grads", "params")
+            for k, r in ref[kind].items()
+        )
+        print(
+            f"{layout} {packed=}: loss {result['loss']:.8f} (one rank {ref['loss']:.8f}), "
+            f"worst grad/param relative error {worst:.1e}"
+        )
