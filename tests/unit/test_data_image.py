@@ -84,4 +84,4 @@ def test_bad_options_raise():
     with pytest.raises(ValueError):
         ImageTransform(size=8, aspect="stretch")
     with pytest.raises(ValueError):
-        ImageTransform(size=8, norm="imagenet")
+        ImageTransform(size=8, norm="inception")
