@@ -65,7 +65,7 @@ def _read_batch(path: Path) -> list[tuple[list[str], str]]:
     return items
 
 
-def _load_images(paths: list[str], transform, model):
+def _load_images(paths: list[str], transform, model, tokenizer_info):
     from mm_megatron.data.image import ImageDecodeError, decode_image
     from mm_megatron.infer.generate import model_image_inputs
 
@@ -77,7 +77,8 @@ def _load_images(paths: list[str], transform, model):
             raise FileNotFoundError(f"--image {p}: {e.strerror or e}") from None
         except ImageDecodeError as e:
             raise ValueError(f"--image {p}: not a readable image ({e})") from None
-    return model_image_inputs(model, transform, decoded)  # [tiles, 3, H, W], per-image facts
+    # [tiles, 3, H, W], per-placeholder facts
+    return model_image_inputs(model, transform, decoded, tokenizer_info)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -102,7 +103,9 @@ def _run(args: argparse.Namespace) -> int:
         out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
         try:
             for paths, prompt in items:
-                images, extras = _load_images(paths, bundle.transform, bundle.model)
+                images, extras = _load_images(
+                    paths, bundle.transform, bundle.model, bundle.tokenizer
+                )
                 ids = build_prompt(
                     bundle.tokenizer, bundle.template, prompt, len(paths), bundle.system_prompt
                 )

@@ -26,7 +26,7 @@ from mm_megatron.data.config import DataConfig
 from mm_megatron.data.image import ImageDecodeError, ImageTransform, decode_image
 from mm_megatron.data.shards import IMAGE_EXTENSIONS
 from mm_megatron.data.templates import TemplateError, tokenize_conversation
-from mm_megatron.data.tiling import Tiler, build_tiler, layout_token_ids, splice_layouts
+from mm_megatron.data.tiling import PlaceholderImages, Tiler, build_tiler
 
 BAD_REASONS = (
     "broken_json",
@@ -217,11 +217,7 @@ class SampleProcessor:
         if all(label == IGNORE_INDEX for label in tokens.labels):
             raise BadSampleError("no_loss_tokens", "no token has a label")
 
-        tiles: list[np.ndarray] = []  # per image: uint8 [t, H, W, 3]
-        num_tiles: list[int] = []  # per placeholder (a layout gives every tile its own)
-        image_tokens: list[int] = []
-        layouts: list[list[int] | None] = []
-        image_sizes: list[list[int]] = []  # per placeholder: original (height, width)
+        images = PlaceholderImages()
         for i in range(num_images):
             ext = next((f"{i}.{e}" for e in IMAGE_EXTENSIONS if f"{i}.{e}" in available), None)
             if ext is None:
@@ -231,20 +227,14 @@ class SampleProcessor:
                 tiled = self.tiler(img)
             except ImageDecodeError as e:
                 raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
-            tiles.append(tiled.tiles)
-            n = tiled.tiles.shape[0]
-            if tiled.layout is None:
-                num_tiles.append(n)
-                image_tokens.append(self.image_tokens(tiled.geometry))
-                image_sizes.append([img.height, img.width])
-            else:  # separator tokens between the tiles: one placeholder per tile
-                num_tiles += [1] * n
-                image_tokens += [self.image_tokens(ImageGeometry(num_tiles=1))] * n
-                image_sizes += [[img.height, img.width]] * n
-            layouts.append(None if tiled.layout is None else layout_token_ids(tiled.layout, info))
-        ids, labels = tokens.input_ids, tokens.labels
-        if any(layout is not None for layout in layouts):
-            ids, labels = splice_layouts(ids, labels, info.image_token_id, layouts)
+            images.add(img, tiled, self.image_tokens, info)
+        ids, labels = images.splice(tokens.input_ids, tokens.labels, info.image_token_id)
+        num_tiles, image_tokens, image_sizes = (
+            images.num_tiles,
+            images.image_tokens,
+            images.image_sizes,
+        )
+        tiles = images.tiles
         total = expanded_length(len(ids), image_tokens)
         if total > self.max_seq_len:
             raise BadSampleError("too_long", f"expanded length {total} > {self.max_seq_len}")

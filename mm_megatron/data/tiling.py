@@ -10,8 +10,9 @@ tiler maps one RGB pillow image to a `TiledImage`. Tilers run in DataLoader work
 be picklable (a frozen dataclass with `__call__`, not a closure). Every tile of a batch has the
 transform's size: `collate_rows` stacks them. Schemes that cut images into grids (anyres,
 dynamic tiles, slices) live in their own modules and register here by import. A scheme that
-puts separator tokens between its tiles returns a text `layout`; `layout_token_ids` and
-`splice_layouts` put it into the prompt in place of the image's one placeholder.
+puts separator tokens between its tiles returns a text `layout`; `PlaceholderImages` collects a
+sample's tiled images per placeholder and splices the layouts into its token ids, for training
+and generation alike.
 
 What it does not do: decode bytes, normalise (tiles stay uint8 until `collate_rows`), or count
 tokens (`mm_megatron.model.image_tokens`).
@@ -20,7 +21,7 @@ tokens (`mm_megatron.model.image_tokens`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,22 +110,65 @@ def layout_token_ids(layout: tuple[str | None, ...], tokenizer_info: Any) -> lis
     return ids
 
 
-def splice_layouts(
-    input_ids: list[int], labels: list[int], placeholder: int, layouts: list[list[int] | None]
-) -> tuple[list[int], list[int]]:
-    """Replace the i-th placeholder by ``layouts[i]`` (labels -100) where that is not None."""
-    out_ids: list[int] = []
-    out_labels: list[int] = []
-    images = iter(layouts)
-    for token, label in zip(input_ids, labels):
-        layout = next(images) if token == placeholder else None
-        if layout is None:
-            out_ids.append(token)
-            out_labels.append(label)
-        else:
-            out_ids += layout
-            out_labels += [IGNORE_INDEX] * len(layout)
-    return out_ids, out_labels
+@dataclass
+class PlaceholderImages:
+    """A sample's tiled images as the batch carries them: one entry per placeholder.
+
+    Training (`SampleProcessor`) and generation (`infer.generate.model_image_inputs`) both fill
+    one with `add` and put the layouts into their token ids with `splice`, so a prompt is laid out
+    and counted exactly as a training sample.
+    """
+
+    tiles: list[np.ndarray] = field(default_factory=list)
+    """Per image: uint8 [t, H, W, 3]."""
+    num_tiles: list[int] = field(default_factory=list)
+    """Per placeholder (a layout gives every tile its own placeholder)."""
+    image_tokens: list[int] = field(default_factory=list)
+    """Per placeholder: embeddings it expands into (the model's count)."""
+    image_sizes: list[list[int]] = field(default_factory=list)
+    """Per placeholder: original (height, width) of its image."""
+    layouts: list[list[int] | None] = field(default_factory=list)
+    """Per image: the layout's token ids, or None (the image keeps its one placeholder)."""
+
+    def add(
+        self,
+        img: Image.Image,
+        tiled: TiledImage,
+        count: Callable[[ImageGeometry], int],
+        tokenizer_info: Any,
+    ) -> None:
+        """Append one image (`tiled` is `img` through the tiler; `count` the model's counter)."""
+        n = tiled.tiles.shape[0]
+        self.tiles.append(tiled.tiles)
+        if tiled.layout is None:
+            self.num_tiles.append(n)
+            self.image_tokens.append(count(tiled.geometry))
+            self.image_sizes.append([img.height, img.width])
+            self.layouts.append(None)
+        else:  # separator tokens between the tiles: one placeholder per tile
+            self.num_tiles += [1] * n
+            self.image_tokens += [count(ImageGeometry(num_tiles=1))] * n
+            self.image_sizes += [[img.height, img.width]] * n
+            self.layouts.append(layout_token_ids(tiled.layout, tokenizer_info))
+
+    def splice(
+        self, input_ids: list[int], labels: list[int], placeholder: int
+    ) -> tuple[list[int], list[int]]:
+        """The i-th placeholder replaced by the i-th image's layout (labels -100), if it has one."""
+        if all(layout is None for layout in self.layouts):
+            return input_ids, labels
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        images = iter(self.layouts)
+        for token, label in zip(input_ids, labels):
+            layout = next(images) if token == placeholder else None
+            if layout is None:
+                out_ids.append(token)
+                out_labels.append(label)
+            else:
+                out_ids += layout
+                out_labels += [IGNORE_INDEX] * len(layout)
+        return out_ids, out_labels
 
 
 # Schemes in their own modules register on import (one line each).

@@ -6,9 +6,9 @@ What this file does:
   template up to where the assistant's answer starts (`tokenize_conversation` on a turn with an
   empty answer, cut at the first position with loss, so training and generation share one
   formatting), plus the text that ends an answer under that template (`stop_text`).
-- `model_image_inputs(model, transform, images)`: pixels and per-image facts (tiles, token
-  counts, original sizes) of images as the model's tiling scheme cuts them (one tile per image
-  without a scheme; anyres grids with one).
+- `model_image_inputs(model, transform, images, tokenizer_info)`: pixels and per-placeholder
+  facts (tiles, token counts, original sizes, separator layouts) of images as the model's tiling
+  scheme cuts them (one tile per image without a scheme; anyres grids, MiniCPM slices...).
 - `Generator.generate(...)`: greedy, temperature and nucleus (top-p) sampling, streaming the new
   text through a callback. With `use_cache=True` (the default) the prompt is merged (text + image
   embeddings) and run through the language model once, filling megatron-core's
@@ -43,29 +43,44 @@ from PIL import Image
 from mm_megatron.data.batch import IGNORE_INDEX
 from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.templates import EOS, get_template, tokenize_conversation
-from mm_megatron.data.tiling import build_tiler
+from mm_megatron.data.tiling import PlaceholderImages, build_tiler
 
 
 def model_image_inputs(
-    model, transform: ImageTransform, images: list[Image.Image]
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """(pixels [T, 3, H, W] or None, {num_tiles, image_tokens, image_sizes}) for `images`.
+    model, transform: ImageTransform, images: list[Image.Image], tokenizer_info: Any = None
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """(pixels [T, 3, H, W] or None, {num_tiles, image_tokens, image_sizes[, layouts]}).
+
+    The images are tiled and counted exactly as `SampleProcessor` does for training
+    (`data.tiling.PlaceholderImages`); `Generator.generate` splices the layouts of schemes with
+    separator tokens (MiniCPM-V slices) into the prompt.
 
     Args:
         model: The `LlavaModel` (its `cfg.tiling` and `count_image_tokens`).
         transform: Squares and normalises tiles (the run's image settings).
         images: RGB images in placeholder order.
+        tokenizer_info: The run's `TokenizerInfo` (needed by schemes with a text layout).
     """
     if not images:
         return None, {}
     tiler = build_tiler(model.cfg.tiling, transform)
-    tiled = [tiler(img) for img in images]
-    pixels = transform.normalize_pixels(np.concatenate([t.tiles for t in tiled]))
-    extras = {
-        "num_tiles": torch.tensor([t.tiles.shape[0] for t in tiled]),
-        "image_tokens": torch.tensor([model.count_image_tokens(t.geometry) for t in tiled]),
-        "image_sizes": torch.tensor([[img.height, img.width] for img in images]),
+    placed = PlaceholderImages()
+    for img in images:
+        tiled = tiler(img)
+        if tiled.layout is not None and tokenizer_info is None:
+            raise ValueError(
+                f"tiling.type={model.cfg.tiling.type!r} puts separator text between tiles: "
+                "model_image_inputs needs the tokenizer"
+            )
+        placed.add(img, tiled, model.count_image_tokens, tokenizer_info)
+    pixels = transform.normalize_pixels(np.concatenate(placed.tiles))
+    extras: dict[str, Any] = {
+        "num_tiles": torch.tensor(placed.num_tiles),
+        "image_tokens": torch.tensor(placed.image_tokens),
+        "image_sizes": torch.tensor(placed.image_sizes),
     }
+    if any(layout is not None for layout in placed.layouts):
+        extras["layouts"] = placed.layouts
     return torch.from_numpy(pixels), extras
 
 
@@ -195,7 +210,7 @@ class Generator:
         seed: int = 0,
         use_cache: bool = True,
         on_text: Callable[[str], None] | None = None,
-        image_inputs: dict[str, torch.Tensor] | None = None,
+        image_inputs: dict[str, Any] | None = None,
     ) -> Generation:
         """Generate an answer to a prompt built by `build_prompt`.
 
@@ -208,13 +223,21 @@ class Generator:
             seed: Sampling seed.
             use_cache: Use the KV cache (False recomputes the sequence at every step).
             on_text: Called with each new piece of decoded text (streaming).
-            image_inputs: `num_tiles`, `image_tokens`, `image_sizes` of `images`
-                (`model_image_inputs`); needed by tiling schemes, else one tile per image.
+            image_inputs: `num_tiles`, `image_tokens`, `image_sizes` (and `layouts`) of
+                `images` (`model_image_inputs`); needed by tiling schemes, else one tile per
+                image. Layouts are spliced into `prompt_ids` in place of the placeholders.
         """
         model, tok = self.model, self.info.tokenizer
         was_training = model.training
         model.eval()
         gen = torch.Generator().manual_seed(seed)
+        image_inputs = dict(image_inputs or {})
+        layouts = image_inputs.pop("layouts", None)
+        if layouts is not None:  # separator text between tiles, as in training
+            placeholder = self.info.image_token_id
+            prompt_ids = PlaceholderImages(layouts=layouts).splice(
+                prompt_ids, prompt_ids, placeholder
+            )[0]
         ids = torch.tensor([prompt_ids], device=self.device)
         if images is not None:
             images = images.to(self.device, dtype=next(model.parameters()).dtype)

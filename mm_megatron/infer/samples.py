@@ -84,7 +84,9 @@ def caption_samples(
     answers = []
     for sample in samples:
         # [tiles, 3, H, W]: one tile, or the model's tiling scheme's tiles
-        image, extras = model_image_inputs(model, transform, [decode_image(sample.image_bytes)])
+        image, extras = model_image_inputs(
+            model, transform, [decode_image(sample.image_bytes)], tokenizer_info
+        )
         prompt = build_prompt(tokenizer_info, template, sample.prompt, 1, system_prompt)
         with torch.no_grad():
             out = generator.generate(

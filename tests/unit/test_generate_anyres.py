@@ -1,5 +1,6 @@
-"""Generation with an anyres model: the image is tiled as in training, and the KV-cache decode
-equals the no-cache decode over the image's unpadded, newline-separated embeddings."""
+"""Generation with tiled models: the image is tiled and laid out as in training, and the KV-cache
+decode equals the no-cache decode (anyres: unpadded, newline-separated embeddings; MiniCPM-V
+slices: separator text spliced into the prompt, one placeholder per slice)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,31 @@ def test_anyres_generation_tiles_the_image_and_caches_exactly(single_rank, info)
     assert cached.positions_computed == expanded + 5  # the prompt once, then one per token
     with pytest.raises(ValueError, match="must carry image_tokens"):
         gen.generate(pixels, prompt, max_new_tokens=1)
+
+
+def test_sliced_generation_splices_the_separators_into_the_prompt(single_rank, info):
+    cfg = get_preset("debug-tiny-resampler")
+    assert cfg.tiling.type == "minicpm_slice"
+    torch.manual_seed(0)
+    model = build_llava_model(cfg)
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8))  # 1:2, sliced
+    transform = ImageTransform(cfg.vision.image_size, "resize", "siglip")
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        model_image_inputs(model, transform, [img])
+    pixels, extras = model_image_inputs(model, transform, [img], info)
+    tiles = pixels.shape[0]
+    assert tiles > 1 and extras["num_tiles"].tolist() == [1] * tiles
+    per_tile = model.count_image_tokens(ImageGeometry(num_tiles=1))
+    assert extras["image_tokens"].tolist() == [per_tile] * tiles
+    (layout,) = extras["layouts"]
+    assert layout.count(info.image_token_id) == tiles and len(layout) > tiles
+    gen = Generator(model, info, "plain")
+    gen.stop = None
+    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
+    prompt = build_prompt(info, "plain", "describe", 1)
+    cached = gen.generate(pixels, prompt, max_new_tokens=4, image_inputs=extras)
+    plain = gen.generate(pixels, prompt, max_new_tokens=4, use_cache=False, image_inputs=extras)
+    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 4
+    spliced = len(prompt) - 1 + len(layout)  # the image's placeholder became its layout
+    assert cached.positions_computed == spliced - tiles + tiles * per_tile + 3

@@ -23,7 +23,7 @@ from mm_megatron.data import DataConfig, build_dataloader, validate_batch
 from mm_megatron.data.batch import IGNORE_INDEX
 from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.synthetic import write_synthetic_dataset
-from mm_megatron.data.tiling import build_tiler, layout_token_ids, splice_layouts
+from mm_megatron.data.tiling import PlaceholderImages, build_tiler, layout_token_ids
 from mm_megatron.data.tiling_minicpm import (
     best_resize,
     choose_grid,
@@ -188,7 +188,8 @@ def test_splice_gives_every_tile_a_placeholder(tmp_path):
     text = info.tokenizer.decode(ids)
     assert text.count("<slice>") == 1 and text.count("<im_start>") == 3
     p = info.image_token_id
-    out, labels = splice_layouts([1, p, 7, p, 8], [-100, -100, 7, -100, 8], p, [ids, None])
+    spliced = PlaceholderImages(layouts=[ids, None])
+    out, labels = spliced.splice([1, p, 7, p, 8], [-100, -100, 7, -100, 8], p)
     assert out == [1, *ids, 7, p, 8]
     assert labels == [-100] * (1 + len(ids)) + [7, -100, 8]
     with pytest.raises(ValueError, match="contains the image placeholder"):
