@@ -63,6 +63,8 @@ class Workload:
     """Micro-batch size."""
     images: int = 1
     """Images per sample."""
+    tiles_per_image: int = 1
+    """Encoder passes per image (the model's tiling scheme; ``representative_image(cfg).tiles``)."""
     dtype_bytes: int = 2
     """Bytes per weight / activation element (2 for bf16, 4 for fp32)."""
     recompute: str | None = None
@@ -225,7 +227,7 @@ def lm_layer_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> tup
 def vision_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> float:
     """Elements the trained ViT saves for one micro-batch (all its images)."""
     v, t = cfg.vision, par.tp
-    n = w.mbs * w.images
+    n = w.mbs * w.images * w.tiles_per_image
     p = v.num_positions
     p_pad = -(-p // t) * t if par.sequence_parallel else p
     p_n = p_pad / t if par.sequence_parallel else p
@@ -255,7 +257,7 @@ def projector_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> fl
         vision_encoder_class(cfg.vision.style), "connector_activation_elements", None
     )
     per_image += connector(cfg.vision) if connector else 0
-    return w.mbs * w.images * per_image
+    return w.mbs * w.images * w.tiles_per_image * per_image  # per_image: per encoder tile
 
 
 def _saves(cfg: LlavaConfig) -> tuple[bool, bool, bool]:

@@ -171,7 +171,7 @@ class _Costs:
 def _costs(cfg: LlavaConfig, plan: Plan, w: Workload, gbs: int) -> _Costs:
     from mm_megatron.model.flops import forward_flops, training_multipliers
 
-    fwd = forward_flops(cfg, [w.seq] * w.mbs, w.mbs * w.images)
+    fwd = forward_flops(cfg, [w.seq] * w.mbs, w.mbs * w.images * w.tiles_per_image)
     mv, mp, ml = training_multipliers(cfg)
     h, vocab = cfg.lm.hidden_size, cfg.lm.padded_vocab_size(1)
     out_fwd = 2 * h * vocab * w.seq * w.mbs
@@ -207,7 +207,8 @@ def step_time(
     ring = lambda n: 2 * (n - 1) / n if n > 1 else 0.0  # all-reduce volume factor
     tp_layer = 4 * ring(p.tp) * w.mbs * s_l * lm.hidden_size * a / bw["tp"]
     v = cfg.vision
-    tp_vit = 4 * ring(p.tp) * w.mbs * w.images * v.num_positions * v.hidden_size * a / bw["tp"]
+    tiles = w.mbs * w.images * w.tiles_per_image
+    tp_vit = 4 * ring(p.tp) * tiles * v.num_positions * v.hidden_size * a / bw["tp"]
     kv_bytes = w.mbs * w.seq * 2 * lm.kv_groups * lm.head_dim / p.tp * a
     cp_layer = 2 * (p.cp - 1) / p.cp * kv_bytes / bw["cp"] if p.cp > 1 else 0.0
     tp_stage = [k * tp_layer for k in layers]
@@ -242,7 +243,7 @@ def vision_cost_in_layers(cfg: LlavaConfig, w: Workload) -> float:
     """Training cost of the ViT + projector on the first stage, in LM layers."""
     from mm_megatron.model.flops import forward_flops, training_multipliers
 
-    fwd = forward_flops(cfg, [w.seq] * w.mbs, w.mbs * w.images)
+    fwd = forward_flops(cfg, [w.seq] * w.mbs, w.mbs * w.images * w.tiles_per_image)
     mv, mp, ml = training_multipliers(cfg)
     out_fwd = 2 * cfg.lm.hidden_size * cfg.lm.padded_vocab_size(1) * w.seq * w.mbs
     layer = ml * (fwd.lm - out_fwd) / cfg.lm.num_layers
@@ -270,12 +271,14 @@ def calibrate(
         world = row["world_size"]
         dp = world // layout.parallel.model_parallel_size
         gbs = s.get("gbs") or s.get("mbs", 1) * dp
-        from mm_megatron.model.image_tokens import image_token_count
+        from mm_megatron.model.image_tokens import representative_image
 
+        img = representative_image(cfg)
         w = Workload(
-            seq=seq or 2 * image_token_count(cfg),
+            seq=seq or 2 * img.tokens,
             mbs=s.get("mbs", 1),
             images=s.get("images", 1),
+            tiles_per_image=img.tiles,
             dtype_bytes=dtype_bytes,
             distributed_optimizer=layout.distributed_optimizer,
         )
@@ -316,6 +319,7 @@ def plan_layouts(
             seq=w.seq,
             mbs=w.mbs,
             images=w.images,
+            tiles_per_image=w.tiles_per_image,
             dtype_bytes=w.dtype_bytes,
             recompute=plan.recompute,
             distributed_optimizer=plan.distributed_optimizer,

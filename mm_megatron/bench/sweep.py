@@ -120,9 +120,9 @@ def build_job(s: SweepSettings, layout: Layout, world: int) -> dict[str, Any]:
     job = load_job_config(s.preset, overrides=list(s.overrides))
     job.model.set_spec(s.spec)
     job.parallel = layout.parallel
-    from mm_megatron.model.image_tokens import image_token_count
+    from mm_megatron.model.image_tokens import representative_image
 
-    seq = s.seq or 2 * image_token_count(job.model)
+    seq = s.seq or 2 * representative_image(job.model).tokens
     validate_layout(job.model, job.parallel, world, seq_len=seq)
     dp = world // layout.parallel.model_parallel_size
     t = job.train

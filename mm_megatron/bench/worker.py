@@ -52,6 +52,7 @@ def run(job_dict: dict, out: Path) -> dict:
 
     from mm_megatron.bench.batches import synthetic_batch
     from mm_megatron.model.flops import train_step_flops
+    from mm_megatron.model.image_tokens import representative_image
     from mm_megatron.parallel.layout import validate_layout
     from mm_megatron.parallel.schedule import forward_backward
     from mm_megatron.runtime import distributed
@@ -122,7 +123,8 @@ def run(job_dict: dict, out: Path) -> dict:
             return {}
         summary = StepTimes.of(times.tolist())
         gbs = t.global_batch_size
-        flops = train_step_flops(cfg, [seq] * gbs, gbs * images).total
+        tiles = gbs * images * representative_image(cfg).tiles  # encoder passes in the step
+        flops = train_step_flops(cfg, [seq] * gbs, tiles).total
         rates = throughput(
             tokens=gbs * seq, flops=flops, seconds=summary.median, world_size=world, samples=gbs
         )

@@ -44,15 +44,18 @@ def _run(args: argparse.Namespace) -> int:
         plan_layouts,
     )
     from mm_megatron.config import get_preset
-    from mm_megatron.model.image_tokens import image_token_count
+    from mm_megatron.model.image_tokens import representative_image
 
     for name in ("gpus", "mbs", "gbs", "images", "top"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     cfg = get_preset(args.preset)
     gpu = gpu_spec(args.gpu)
-    seq = args.seq or args.images * image_token_count(cfg) + 448
-    w = Workload(seq=seq, mbs=args.mbs, images=args.images, dtype_bytes=2)
+    img = representative_image(cfg)  # tiled and counted by the model's own scheme
+    seq = args.seq or args.images * img.tokens + 448
+    w = Workload(
+        seq=seq, mbs=args.mbs, images=args.images, tiles_per_image=img.tiles, dtype_bytes=2
+    )
     params = model_params(cfg)
     efficiency, source = args.efficiency or DEFAULT_EFFICIENCY, "default"
     if args.efficiency:

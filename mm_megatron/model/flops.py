@@ -31,15 +31,15 @@ PARTS = ("vision", "projector", "lm")
 """Components in data-flow order (the order the multiplier rule reads)."""
 
 
-def vision_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
-    """Forward FLOPs of the vision encoder over ``num_images`` images (its own statement)."""
+def vision_forward_flops(cfg: LlavaConfig, num_tiles: int) -> int:
+    """Forward FLOPs of the vision encoder over ``num_tiles`` encoder passes (its statement)."""
     from mm_megatron.model.vision import vision_encoder_class
 
-    return vision_encoder_class(cfg.vision.style).forward_flops(cfg.vision, num_images)
+    return vision_encoder_class(cfg.vision.style).forward_flops(cfg.vision, num_tiles)
 
 
-def projector_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
-    """Forward FLOPs of the projector over ``num_images`` images (its registered class's count)."""
+def projector_forward_flops(cfg: LlavaConfig, num_tiles: int) -> int:
+    """Forward FLOPs of the projector over ``num_tiles`` tiles (its registered class's count)."""
     from mm_megatron.model.projector import projector_class
     from mm_megatron.model.vision import vision_encoder_class
 
@@ -50,8 +50,8 @@ def projector_forward_flops(cfg: LlavaConfig, num_images: int) -> int:
     )
     # an encoder's connector parts (MGM's mining), if it states any, train with the projector
     connector = getattr(vision_encoder_class(cfg.vision.style), "connector_forward_flops", None)
-    extra = connector(cfg.vision, num_images) if connector else 0
-    return num_images * per_image + extra
+    extra = connector(cfg.vision, num_tiles) if connector else 0
+    return num_tiles * per_image + extra
 
 
 def lm_forward_flops(cfg: LlavaConfig, seq_lens: Sequence[int], vocab: int | None = None) -> int:
@@ -93,12 +93,12 @@ class StepFlops:
 
 
 def forward_flops(
-    cfg: LlavaConfig, seq_lens: Sequence[int], num_images: int, *, vocab: int | None = None
+    cfg: LlavaConfig, seq_lens: Sequence[int], num_tiles: int, *, vocab: int | None = None
 ) -> StepFlops:
-    """Forward FLOPs per part over a step's sequences and images."""
+    """Forward FLOPs per part over a step's sequences and encoder tiles."""
     return StepFlops(
-        vision=vision_forward_flops(cfg, num_images),
-        projector=projector_forward_flops(cfg, num_images),
+        vision=vision_forward_flops(cfg, num_tiles),
+        projector=projector_forward_flops(cfg, num_tiles),
         lm=lm_forward_flops(cfg, seq_lens, vocab),
     )
 
@@ -106,7 +106,7 @@ def forward_flops(
 def train_step_flops(
     cfg: LlavaConfig,
     seq_lens: Sequence[int],
-    num_images: int,
+    num_tiles: int,
     *,
     vocab: int | None = None,
     training: bool = True,
@@ -116,32 +116,38 @@ def train_step_flops(
     Args:
         cfg: The model (its freeze flags decide the multipliers).
         seq_lens: Real expanded lengths of every (sub-)sequence in the step.
-        num_images: Images in the step.
+        num_tiles: Encoder passes in the step (the batches' ``num_tiles`` summed; one per image
+            without a tiling scheme).
         vocab: Output-layer rows (default: the padded vocab at TP=1).
         training: Count the backward passes too.
     """
-    fwd = forward_flops(cfg, seq_lens, num_images, vocab=vocab)
+    fwd = forward_flops(cfg, seq_lens, num_tiles, vocab=vocab)
     mv, mp, ml = training_multipliers(cfg) if training else (1, 1, 1)
     return StepFlops(vision=mv * fwd.vision, projector=mp * fwd.projector, lm=ml * fwd.lm)
 
 
 def sample_seq_len(cfg: LlavaConfig, images: int, text_tokens: int) -> int:
-    """Expanded length of a sample with ``images`` images and ``text_tokens`` other tokens."""
-    from mm_megatron.model.image_tokens import image_token_count
+    """Expanded length of a sample with ``images`` representative images and ``text_tokens``
+    other tokens (`image_tokens.representative_image`: the model's own tiling and count)."""
+    from mm_megatron.model.image_tokens import representative_image
 
-    return text_tokens + images * image_token_count(cfg)
+    return text_tokens + images * representative_image(cfg).tokens
 
 
 def format_sample_flops(cfg: LlavaConfig, images: int, text_tokens: int, name: str = "") -> str:
     """The table `mm-megatron model flops` prints: per-sample FLOPs per component."""
+    from mm_megatron.model.image_tokens import representative_image
+
+    img = representative_image(cfg)
     s = sample_seq_len(cfg, images, text_tokens)
-    fwd = forward_flops(cfg, [s], images)
-    train = train_step_flops(cfg, [s], images)
+    fwd = forward_flops(cfg, [s], images * img.tiles)
+    train = train_step_flops(cfg, [s], images * img.tiles)
     mults = training_multipliers(cfg)
     flags = (cfg.freeze_vision, cfg.freeze_projector, cfg.freeze_lm)
     frozen = [p for p, f in zip(PARTS, flags) if f]
     lines = [
-        f"model {name or '(custom)'}: {images} image(s) x {sample_seq_len(cfg, 1, 0)} tokens + "
+        f"model {name or '(custom)'}: {images} image(s) of {img.side} px ({img.tiles} tile(s)) x "
+        f"{img.tokens} tokens + "
         f"{text_tokens} text tokens = sequence {s}; frozen: {', '.join(frozen) or 'nothing'}",
         "",
         f"{'component':<12}{'forward FLOPs':>18}{'x':>4}{'training FLOPs':>18}{'share':>8}",

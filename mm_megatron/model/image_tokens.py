@@ -82,5 +82,59 @@ def image_token_count(cfg: LlavaConfig, geometry: ImageGeometry = ONE_TILE) -> i
     return ImageTokenCounter.from_config(cfg)(geometry)
 
 
+@dataclass(frozen=True)
+class RepresentativeImage:
+    """The image that benchmarks, the planner and ``model flops`` size a model by.
+
+    A square RGB image of ``side`` pixels, cut by the model's own tiling scheme and counted by its
+    own ``ImageTokenCounter``, laid out per placeholder as the data pipeline does (a scheme with
+    separator text gives every tile its own placeholder; the separators count as text).
+    """
+
+    side: int
+    """Side of the square image in pixels."""
+    tile_size: int
+    """Side of one encoder tile in pixels."""
+    tiles_per_placeholder: tuple[int, ...]
+    """Encoder tiles behind each placeholder the image puts into the text."""
+    tokens_per_placeholder: tuple[int, ...]
+    """LM embeddings each of those placeholders expands into."""
+
+    @property
+    def tiles(self) -> int:
+        """Encoder passes for the image."""
+        return sum(self.tiles_per_placeholder)
+
+    @property
+    def placeholders(self) -> int:
+        """Placeholders the image puts into the text."""
+        return len(self.tokens_per_placeholder)
+
+    @property
+    def tokens(self) -> int:
+        """LM embeddings of the whole image."""
+        return sum(self.tokens_per_placeholder)
+
+
+def representative_image(cfg: LlavaConfig, side: int | None = None) -> RepresentativeImage:
+    """The model's representative image (default side: the input size without a tiling scheme,
+    twice it with one, e.g. 672 px for LLaVA-NeXT: a 2x2 grid plus the base image)."""
+    from PIL import Image
+
+    from mm_megatron.data.image import ImageTransform
+    from mm_megatron.data.tiling import build_tiler
+
+    size = cfg.vision.input_image_size
+    side = side or (size if cfg.tiling.type == "none" else 2 * size)
+    tiled = build_tiler(cfg.tiling, ImageTransform(size))(Image.new("RGB", (side, side)))
+    count = ImageTokenCounter.from_config(cfg)
+    n = tiled.tiles.shape[0]
+    if tiled.layout is None:
+        tiles, tokens = (n,), (count(tiled.geometry),)
+    else:
+        tiles, tokens = (1,) * n, (count(ImageGeometry(num_tiles=1)),) * n
+    return RepresentativeImage(side, int(tiled.tiles.shape[1]), tiles, tokens)
+
+
 # Arrangements register themselves on import (one line per scheme).
 import mm_megatron.model.anyres  # noqa: E402,F401
