@@ -159,3 +159,62 @@ def write_bad_dataset(
                 del sample["0.png"]
             writer.write(sample)
     return out_dir / "train.index.json"
+
+
+LEARNING_TRAIN = [
+    "--micro-batch-size", "32",
+    "--global-batch-size", "32",
+    "--train-iters", "1500",
+    "--lr", "2e-3",
+    "--lr-warmup-iters", "30",
+    "--log-interval", "100",
+    "--eval-iters", "1",
+    "--train.caption_eval=true",
+    "--train.num_threads=1",
+    "--data.template=plain",
+    "--data.num_workers=1",
+]  # fmt: skip
+"""The learning tests' schedule: 1500 steps of 32 on one CPU thread, held-out caption check."""
+
+
+def learn_captions(
+    tmp_path: Path, preset: str, *extra: str, non_square_fraction: float = 0.25
+) -> dict:
+    """Train ``preset`` on the synthetic shapes task (6000 train / 400 held-out 64 px images) with
+    `LEARNING_TRAIN` plus ``extra`` flags; returns the final evaluation (colour/shape accuracy).
+
+    The run must exit 0; its log is in ``tmp_path/train.log``.
+    """
+    from mm_megatron.data.synthetic import write_synthetic_dataset
+    from mm_megatron.train.metrics import read_metrics
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(
+        str(data),
+        n_train=6000,
+        n_val=400,
+        image_size=64,
+        shard_size=1000,
+        vocab_size=512,
+        non_square_fraction=non_square_fraction,
+    )
+    run_dir = tmp_path / "run"
+    args = [
+        "--preset", preset,
+        f"--data.train_shards={data}/train.index.json",
+        f"--data.val_shards={data}/val.index.json",
+        f"--data.tokenizer_path={data}/tokenizer",
+        f"--run-dir={run_dir}",
+        *LEARNING_TRAIN,
+        *extra,
+    ]  # fmt: skip
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = train_subprocess(args, stdout=log)
+        try:
+            proc.wait(timeout=1200)
+        finally:
+            kill_session(proc)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    evals = read_metrics(run_dir / "metrics.jsonl", kind="eval")
+    return evals[max(evals)]

@@ -78,6 +78,22 @@ def vicuna(num_layers: int, hidden: int, ffn: int, heads: int) -> LanguageConfig
     )
 
 
+def debug_lm() -> LanguageConfig:
+    """The debug presets' Llama-style LM: 2 layers, width 64, GQA 4/2, vocab 512."""
+    return LanguageConfig(
+        flavor="llama",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=176,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=512,
+        make_vocab_size_divisible_by=32,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
+
+
 # --- presets -----------------------------------------------------------------------------------
 
 
@@ -96,18 +112,7 @@ def debug_tiny() -> LlavaConfig:
             num_attention_heads=4,
         ),
         projector=ProjectorConfig(type="mlp2x_gelu"),
-        lm=LanguageConfig(
-            flavor="llama",
-            num_layers=2,
-            hidden_size=64,
-            ffn_hidden_size=176,
-            num_attention_heads=4,
-            num_query_groups=2,
-            vocab_size=512,
-            make_vocab_size_divisible_by=32,
-            max_position_embeddings=512,
-            rope_theta=10000.0,
-        ),
+        lm=debug_lm(),
         image_token_id=4,
         freeze_vision=False,
         # Widths of 64 need a wider init than GPT's 0.02 (~1/sqrt(64)): at 0.02 the fresh ViT

@@ -13,6 +13,8 @@ What it does not do: register the encoder, projector or tiler (their modules do)
 
 from __future__ import annotations
 
+import dataclasses
+
 from mm_megatron.config.model_config import (
     LanguageConfig,
     LlavaConfig,
@@ -20,7 +22,7 @@ from mm_megatron.config.model_config import (
     TilingConfig,
     VisionConfig,
 )
-from mm_megatron.config.presets import register_preset
+from mm_megatron.config.presets import debug_lm, register_preset
 
 INTERNLM2_VOCAB = 92553
 """InternLM2's vocabulary."""
@@ -116,18 +118,8 @@ def debug_tiny_internvl() -> LlavaConfig:
             layer_scale_init=0.1,
         ),
         projector=ProjectorConfig(type="pixel_shuffle_mlp", pixel_shuffle_ratio=0.5),
-        lm=LanguageConfig(
-            flavor="qwen2",
-            num_layers=2,
-            hidden_size=64,
-            ffn_hidden_size=176,
-            num_attention_heads=4,
-            num_query_groups=2,
-            vocab_size=512,
-            make_vocab_size_divisible_by=32,
-            max_position_embeddings=1024,
-            rope_theta=1e6,
-            qkv_bias=True,
+        lm=dataclasses.replace(  # a Qwen2-style debug LM: qkv bias, RoPE base 1e6
+            debug_lm(), flavor="qwen2", max_position_embeddings=1024, rope_theta=1e6, qkv_bias=True
         ),
         tiling=TilingConfig(type="internvl_dynamic", min_patches=1, max_patches=4),
         image_token_id=4,

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from mm_megatron.config.hires_config import HighResConfig
 from mm_megatron.config.model_config import (
-    LanguageConfig,
     LlavaConfig,
     ProjectorConfig,
     VisionConfig,
 )
-from mm_megatron.config.presets import clip_vit_l_336, register_preset, vicuna
+from mm_megatron.config.presets import clip_vit_l_336, debug_lm, register_preset, vicuna
 
 
 def _mgm_7b(hires: HighResConfig) -> LlavaConfig:
@@ -62,18 +61,7 @@ def _debug_tiny_mgm(hires: HighResConfig) -> LlavaConfig:
             hires=hires,
         ),
         projector=ProjectorConfig(type="mlp2x_gelu"),
-        lm=LanguageConfig(
-            flavor="llama",
-            num_layers=2,
-            hidden_size=64,
-            ffn_hidden_size=176,
-            num_attention_heads=4,
-            num_query_groups=2,
-            vocab_size=512,
-            make_vocab_size_divisible_by=32,
-            max_position_embeddings=512,
-            rope_theta=10000.0,
-        ),
+        lm=debug_lm(),
         image_token_id=4,
         freeze_vision=False,
         init_method_std=0.08,  # as debug-tiny: widths of 64 need a wider init than 0.02

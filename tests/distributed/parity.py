@@ -171,3 +171,98 @@ def run_layouts(rank, world_size, jobs: list[tuple[dict, bool, bool]], cfg, weig
 def world_of(layout: dict, dp: int) -> int:
     """Ranks a layout needs."""
     return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1) * dp
+
+
+def loader_batches(
+    cfg, data_dir: str, packed: bool, *, max_seq_len: int, image_norm: str = "clip", count: int = 4
+) -> list[dict]:
+    """``count`` micro-batches of 2 rows from the real loader over ``data_dir``'s val split, with
+    the model's tiling scheme and image-token count (model inputs only, sample keys dropped)."""
+    import os
+
+    from mm_megatron.data import DataConfig, build_dataloader, validate_batch
+    from mm_megatron.model.image_tokens import ImageTokenCounter
+
+    size = cfg.vision.input_image_size
+    config = DataConfig(
+        val_shards=data_dir,
+        tokenizer_path=os.path.join(data_dir, "tokenizer"),
+        image_size=size,
+        image_norm=image_norm,
+        max_seq_len=max_seq_len,
+        packing=packed,
+        num_workers=0,
+        template="plain",
+    )
+    loader = build_dataloader(
+        config,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=2,
+        image_tokens=ImageTokenCounter.from_config(cfg),
+        seed=0,
+        split="val",
+        tiling=cfg.tiling,
+    )
+    assert loader.image_token_id == cfg.image_token_id
+    batches = []
+    for batch in loader:
+        validate_batch(batch, cfg.image_token_id, image_size=size)
+        batch.pop("sample_keys")
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+    raise AssertionError(f"the synthetic split is too small for {count} micro-batches")
+
+
+def _full_weights(rank, world_size, cfg):
+    return full_weights(cfg)
+
+
+def loader_parity_setup(
+    cfg,
+    data_dir: str,
+    *,
+    max_seq_len: int,
+    image_norm: str = "clip",
+    image_size: int | None = None,
+    **synthetic,
+) -> tuple[dict, dict, dict]:
+    """Synthetic shards -> loader batches (padded and packed), one-rank weights and references.
+
+    Args:
+        cfg: The model.
+        data_dir: Where the synthetic dataset goes.
+        max_seq_len: The loader's longest expanded sample.
+        image_norm: The data pipeline's normalisation.
+        image_size: Side of the synthetic images (default: the model's input size).
+        synthetic: Overrides of `write_synthetic_dataset`'s arguments (48 val samples in shards
+            of 24, seed 3, 30% two-image and 20% text-only samples by default).
+
+    Returns:
+        ``(weights, {packed: batches}, {packed: one-rank reference})``.
+    """
+    from mm_megatron.data.synthetic import write_synthetic_dataset
+    from tests.distributed.launcher import run_distributed
+
+    kw = dict(
+        n_train=4,
+        n_val=48,
+        shard_size=24,
+        seed=3,
+        multi_image_fraction=0.3,
+        text_only_fraction=0.2,
+        vocab_size=cfg.lm.vocab_size,
+    )
+    kw.update(synthetic)
+    write_synthetic_dataset(data_dir, image_size=image_size or cfg.vision.input_image_size, **kw)
+    data = {
+        packed: loader_batches(
+            cfg, data_dir, packed, max_seq_len=max_seq_len, image_norm=image_norm
+        )
+        for packed in (False, True)
+    }
+    weights = run_distributed(_full_weights, 1, cfg)[0]
+    jobs = [({}, False, False), ({}, True, False)]
+    refs = run_distributed(run_layouts, 1, jobs, cfg, weights, data)[0]
+    return weights, data, {False: refs[0], True: refs[1]}

@@ -13,11 +13,9 @@ import pytest
 import torch
 
 from mm_megatron.config import get_preset
-from mm_megatron.data.synthetic import write_synthetic_dataset
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from tests.distributed.launcher import run_distributed
-from tests.distributed.parity import assert_parity, full_weights, run_layouts, tiny_config
-from tests.distributed.test_parity_image_tokens import loader_batches
+from tests.distributed.parity import assert_parity, loader_parity_setup, run_layouts, tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -49,31 +47,12 @@ def without_key_bias(result: dict) -> dict:
     return out
 
 
-def _weights(rank, world, cfg):
-    return full_weights(cfg)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     cfg = qformer_config()
     data_dir = str(tmp_path_factory.mktemp("qformer-synth"))
-    write_synthetic_dataset(
-        data_dir,
-        n_train=4,
-        n_val=48,
-        image_size=cfg.vision.image_size,
-        shard_size=24,
-        seed=3,
-        multi_image_fraction=0.3,
-        text_only_fraction=0.2,
-        vocab_size=cfg.lm.vocab_size,
-    )
-    data = {packed: loader_batches(cfg, data_dir, packed) for packed in (False, True)}
-    weights = run_distributed(_weights, 1, cfg)[0]
-    refs = run_distributed(
-        run_layouts, 1, [({}, False, False), ({}, True, False)], cfg, weights, data
-    )[0]
-    return cfg, weights, data, {False: refs[0], True: refs[1]}
+    weights, data, refs = loader_parity_setup(cfg, data_dir, max_seq_len=40)
+    return cfg, weights, data, refs
 
 
 def test_batches_carry_the_query_count(setup):

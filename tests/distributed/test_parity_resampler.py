@@ -10,20 +10,16 @@ text-only samples); nothing here states the count except the hand checks below.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mm_megatron.config.model_config import ProjectorConfig, TilingConfig
 from mm_megatron.config.resampler_config import ResamplerConfig
-from mm_megatron.data import DataConfig, build_dataloader, validate_batch
-from mm_megatron.data.synthetic import write_synthetic_dataset
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.projector import projector_class
 from tests.distributed.launcher import run_distributed
-from tests.distributed.parity import assert_parity, full_weights, run_layouts, tiny_config
+from tests.distributed.parity import assert_parity, loader_parity_setup, run_layouts, tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -47,62 +43,12 @@ def resampler_config():
     return cfg
 
 
-def loader_batches(cfg, data_dir: str, packed: bool) -> list[dict]:
-    """Four micro-batches of the real loader (model inputs only, sample keys dropped)."""
-    config = DataConfig(
-        val_shards=data_dir,
-        tokenizer_path=os.path.join(data_dir, "tokenizer"),
-        image_size=cfg.vision.image_size,
-        max_seq_len=160,
-        packing=packed,
-        num_workers=0,
-        template="plain",
-    )
-    loader = build_dataloader(
-        config,
-        dp_rank=0,
-        dp_size=1,
-        micro_batch_size=2,
-        image_tokens=ImageTokenCounter.from_config(cfg),
-        seed=0,
-        split="val",
-        tiling=cfg.tiling,
-    )
-    batches = []
-    for batch in loader:
-        validate_batch(batch, cfg.image_token_id, image_size=cfg.vision.image_size)
-        batch.pop("sample_keys")
-        batches.append(batch)
-        if len(batches) == 4:
-            return batches
-    raise AssertionError("the synthetic split is too small for four micro-batches")
-
-
-def _weights(rank, world, cfg):
-    return full_weights(cfg)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     cfg = resampler_config()
     data_dir = str(tmp_path_factory.mktemp("resampler-synth"))
-    write_synthetic_dataset(
-        data_dir,
-        n_train=4,
-        n_val=48,
-        image_size=cfg.vision.image_size,
-        shard_size=24,
-        seed=3,
-        multi_image_fraction=0.3,
-        text_only_fraction=0.2,
-        vocab_size=cfg.lm.vocab_size,
-    )
-    data = {packed: loader_batches(cfg, data_dir, packed) for packed in (False, True)}
-    weights = run_distributed(_weights, 1, cfg)[0]
-    refs = run_distributed(
-        run_layouts, 1, [({}, False, False), ({}, True, False)], cfg, weights, data
-    )[0]
-    return cfg, weights, data, {False: refs[0], True: refs[1]}
+    weights, data, refs = loader_parity_setup(cfg, data_dir, max_seq_len=160)
+    return cfg, weights, data, refs
 
 
 def test_batches_carry_slices_of_four_tokens(setup):

@@ -15,38 +15,13 @@ from __future__ import annotations
 
 import pytest
 
-from mm_megatron.train.metrics import read_metrics
-from tests.integration.test_train_learning import N_TRAIN, N_VAL, TRAIN
-from tests.train_helpers import kill_session, train_subprocess
+from tests.train_helpers import learn_captions
 
 pytestmark = [pytest.mark.slow, pytest.mark.learning, pytest.mark.timeout(1500)]
 
 
 def test_qformer_learns_colour_and_shape_words(tmp_path):
-    from mm_megatron.data.synthetic import write_synthetic_dataset
-
-    data = tmp_path / "data"
-    write_synthetic_dataset(
-        str(data), n_train=N_TRAIN, n_val=N_VAL, image_size=64, shard_size=1000, vocab_size=512
-    )
-    run_dir = tmp_path / "run"
-    args = [
-        "--preset", "debug-tiny-qformer",
-        f"--data.train_shards={data}/train.index.json",
-        f"--data.val_shards={data}/val.index.json",
-        f"--data.tokenizer_path={data}/tokenizer",
-        f"--run-dir={run_dir}",
-        *TRAIN,
-    ]  # fmt: skip
-    with open(tmp_path / "train.log", "w") as log:
-        proc = train_subprocess(args, stdout=log)
-        try:
-            proc.wait(timeout=1200)
-        finally:
-            kill_session(proc)
-    assert proc.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
-    evals = read_metrics(run_dir / "metrics.jsonl", kind="eval")
-    final = evals[max(evals)]
+    final = learn_captions(tmp_path, "debug-tiny-qformer")
     print(f"\nthrough the Q-Former: {final}")
     assert final["captions"] >= 150
     assert final["colour_acc"] >= 0.9 and final["shape_acc"] >= 0.9, final
