@@ -195,23 +195,10 @@ def tiny_anyres_config(family: str = NEXT):
         SiglipVisionConfig,
     )
 
-    vkw = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    tkw = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-    )
+    from mm_megatron.convert.tiny_models import TINY_TEXT, TINY_VISION
+
+    vkw = dict(TINY_VISION)
+    tkw = {**TINY_TEXT, "max_position_embeddings": 512}
     if family == NEXT:
         return LlavaNextConfig(
             vision_config=CLIPVisionConfig(projection_dim=16, **vkw),

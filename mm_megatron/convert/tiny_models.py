@@ -28,6 +28,28 @@ from mm_megatron.convert.keys import KeySpelling
 VARIANTS = ("llama", "qwen2", "mistral", "siglip", "llama3rope")
 
 
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+"""Vision tower of the tiny random models (CLIP/SigLIP config arguments)."""
+
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+"""Language model of the tiny random models (Llama/Qwen2/Mistral config arguments)."""
+
+
 def tiny_hf_config(variant: str = "llama"):
     """A transformers ``LlavaConfig`` for a model of a few hundred thousand parameters."""
     from transformers import (
@@ -41,23 +63,8 @@ def tiny_hf_config(variant: str = "llama"):
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
-    vkw = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    tkw = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-    )
+    vkw = dict(TINY_VISION)
+    tkw = dict(TINY_TEXT)
     strategy, layer, image_token = "default", -2, 5
     if variant == "siglip":
         vision = SiglipVisionConfig(**vkw)

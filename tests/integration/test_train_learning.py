@@ -19,23 +19,11 @@ from __future__ import annotations
 import pytest
 
 from mm_megatron.train.metrics import read_metrics
-from tests.train_helpers import kill_session, train_subprocess
+from tests.train_helpers import LEARNING_TRAIN, kill_session, train_subprocess
 
 pytestmark = [pytest.mark.slow, pytest.mark.learning, pytest.mark.timeout(1500)]
 
-TRAIN = [
-    "--micro-batch-size", "32",
-    "--global-batch-size", "32",
-    "--train-iters", "1500",
-    "--lr", "2e-3",
-    "--lr-warmup-iters", "30",
-    "--log-interval", "100",
-    "--eval-iters", "1",
-    "--train.caption_eval=true",
-    "--train.num_threads=1",
-    "--data.template=plain",
-    "--data.num_workers=1",
-]  # fmt: skip
+TRAIN = LEARNING_TRAIN
 N_TRAIN, N_VAL = 6000, 400
 
 
