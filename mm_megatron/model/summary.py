@@ -21,7 +21,7 @@ import torch
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.config.parallel_config import ParallelConfig
-from mm_megatron.model.image_tokens import image_token_count
+from mm_megatron.model.image_tokens import representative_image
 from mm_megatron.parallel.layout import stage_layers
 
 _LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
@@ -112,12 +112,14 @@ def format_summary(cfg: LlavaConfig, par: ParallelConfig, name: str = "") -> str
         c[0] += p.numel
         c[1] += p.numel if p.trainable else 0
     total = sum(v[0] for v in by_comp.values())
+    img = representative_image(cfg)
     lines = [
         f"model {name or '(custom)'}: vision {cfg.vision.style} {cfg.vision.image_size}px/"
         f"{cfg.vision.patch_size} ({cfg.vision.num_layers_built} of {cfg.vision.num_layers} layers "
         f"built), projector {cfg.projector.type}, LM {cfg.lm.flavor} L{cfg.lm.num_layers} "
         f"h{cfg.lm.hidden_size} heads {cfg.lm.num_attention_heads}/{cfg.lm.kv_groups}",
-        f"tokens per image (one tile): {image_token_count(cfg)}; vocab {cfg.lm.vocab_size} (padded "
+        f"tokens per image: {img.tokens} (a {img.side} px image, tiling {cfg.tiling.type}: "
+        f"{img.tiles} tile(s)); vocab {cfg.lm.vocab_size} (padded "
         f"{cfg.lm.padded_vocab_size(1)} at TP=1, {cfg.lm.padded_vocab_size(par.tp)} at "
         f"TP={par.tp})",
         "",
