@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,16 +178,35 @@ LEARNING_TRAIN = [
 """The learning tests' schedule: 1500 steps of 32 on one CPU thread, held-out caption check."""
 
 
-def learn_captions(
-    tmp_path: Path, preset: str, *extra: str, non_square_fraction: float = 0.25
-) -> dict:
-    """Train ``preset`` on the synthetic shapes task (6000 train / 400 held-out 64 px images) with
-    `LEARNING_TRAIN` plus ``extra`` flags; returns the final evaluation (colour/shape accuracy).
+@dataclass
+class LearningRun:
+    """A learning run started by `start_learning`; `finish` waits for it."""
 
-    The run must exit 0; its log is in ``tmp_path/train.log``.
-    """
+    proc: subprocess.Popen
+    log_path: Path
+    run_dir: Path
+    log: Any
+
+    def finish(self, timeout: float = 1500) -> dict:
+        """Wait, require exit 0, and return the final evaluation (colour/shape accuracy)."""
+        from mm_megatron.train.metrics import read_metrics
+
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            kill_session(self.proc)
+            self.log.close()
+        assert self.proc.returncode == 0, self.log_path.read_text()[-3000:]
+        evals = read_metrics(self.run_dir / "metrics.jsonl", kind="eval")
+        return evals[max(evals)]
+
+
+def start_learning(
+    tmp_path: Path, preset: str, *extra: str, non_square_fraction: float = 0.25
+) -> LearningRun:
+    """Start training ``preset`` on the synthetic shapes task (6000 train / 400 held-out 64 px
+    images) with `LEARNING_TRAIN` plus ``extra`` flags, in the background (one CPU thread)."""
     from mm_megatron.data.synthetic import write_synthetic_dataset
-    from mm_megatron.train.metrics import read_metrics
 
     data = tmp_path / "data"
     write_synthetic_dataset(
@@ -209,12 +229,5 @@ def learn_captions(
         *extra,
     ]  # fmt: skip
     log_path = tmp_path / "train.log"
-    with open(log_path, "w") as log:
-        proc = train_subprocess(args, stdout=log)
-        try:
-            proc.wait(timeout=1200)
-        finally:
-            kill_session(proc)
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
-    evals = read_metrics(run_dir / "metrics.jsonl", kind="eval")
-    return evals[max(evals)]
+    log = open(log_path, "w")  # noqa: SIM115 - closed by LearningRun.finish
+    return LearningRun(train_subprocess(args, stdout=log), log_path, run_dir, log)

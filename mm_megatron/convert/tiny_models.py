@@ -273,24 +273,6 @@ LM_PARTS = ("llama", "qwen2", "mistral")
 100 -> 102); Qwen2 with qkv bias, tied embeddings, rope theta 1e6 and 10 spare embedding rows past
 its 110-token tokenizer (the added tokens land there: no resize); Mistral with a pad token."""
 
-_TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
-_TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-)
-
 
 def _perturb(model, seed: int):
     gen = torch.Generator().manual_seed(seed + 1)
@@ -309,16 +291,16 @@ def save_tiny_vision(out_dir: Path, kind: str = "clip", *, seed: int = 0, dtype=
     torch.manual_seed(seed)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     if kind == "clip":
-        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(**_TINY_VISION))
+        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(**TINY_VISION))
     elif kind == "clip-model":
         cfg = tf.CLIPConfig(
-            vision_config=_TINY_VISION, text_config=dict(vocab_size=64, **text), projection_dim=16
+            vision_config=TINY_VISION, text_config=dict(vocab_size=64, **text), projection_dim=16
         )
         model = tf.CLIPModel(cfg)
     elif kind == "siglip":
-        model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**_TINY_VISION))
+        model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**TINY_VISION))
     else:
-        cfg = tf.SiglipConfig(vision_config=_TINY_VISION, text_config=dict(vocab_size=64, **text))
+        cfg = tf.SiglipConfig(vision_config=TINY_VISION, text_config=dict(vocab_size=64, **text))
         model = tf.SiglipModel(cfg)
     _perturb(model, seed).to(dtype).save_pretrained(out_dir)
     return model.float()
@@ -341,15 +323,15 @@ def save_tiny_lm(
     specials = {0: "<unk>", 1: "<s>", 2: "</s>"}
     names = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     if kind == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, **_TINY_TEXT))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, **TINY_TEXT))
         tokenizer = tiny_tokenizer(100, specials, **names)
     elif kind == "qwen2":
-        cfg = tf.Qwen2Config(vocab_size=120, rope_theta=1e6, tie_word_embeddings=True, **_TINY_TEXT)
+        cfg = tf.Qwen2Config(vocab_size=120, rope_theta=1e6, tie_word_embeddings=True, **TINY_TEXT)
         model = tf.Qwen2ForCausalLM(cfg)
         tokenizer = tiny_tokenizer(110, {**specials, 3: "<pad>"}, pad_token="<pad>", **names)
     else:
         model = tf.MistralForCausalLM(
-            tf.MistralConfig(vocab_size=100, sliding_window=None, **_TINY_TEXT)
+            tf.MistralConfig(vocab_size=100, sliding_window=None, **TINY_TEXT)
         )
         tokenizer = tiny_tokenizer(100, {**specials, 3: "<pad>"}, pad_token="<pad>", **names)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
