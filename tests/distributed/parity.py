@@ -266,3 +266,19 @@ def loader_parity_setup(
     jobs = [({}, False, False), ({}, True, False)]
     refs = run_distributed(run_layouts, 1, jobs, cfg, weights, data)[0]
     return weights, data, {False: refs[0], True: refs[1]}
+
+
+def assert_sized_as_the_data_says(cfg, batches: list[dict], packed: bool, ref: dict) -> None:
+    """The merge expands every packed sample to the length the data pipeline sized it at, and the
+    one-rank loss counts every labelled text token exactly once (first tokens carry no label)."""
+    from mm_megatron.model.merge import plan_merge
+
+    if packed:
+        for b in batches:
+            plan = plan_merge(
+                b["input_ids"], cfg.image_token_id, b["image_tokens"], seq_lens=b["seq_lens"]
+            )
+            seg = plan.segment_lengths
+            assert seg[seg > 0].tolist() == b["expanded_lens"].tolist()
+    labelled = sum(int((b["labels"] != -100).sum()) for b in batches)
+    assert ref["tokens"] == labelled

@@ -16,10 +16,15 @@ import torch
 
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
-from mm_megatron.model.merge import plan_merge
 from mm_megatron.model.projector import projector_class
 from tests.distributed.launcher import run_distributed
-from tests.distributed.parity import assert_parity, loader_parity_setup, run_layouts, tiny_config
+from tests.distributed.parity import (
+    assert_parity,
+    assert_sized_as_the_data_says,
+    loader_parity_setup,
+    run_layouts,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -55,16 +60,7 @@ def test_batches_carry_the_pooled_count(setup):
         assert tokens.numel() > 0 and bool((tokens == 4).all())
         counts = [int(b["num_images"].max()) for b in batches]
         assert max(counts) >= 2, "the batches should include a multi-image sample"
-        if packed:  # the merge expands each packed sample to what the data pipeline sized
-            for b in batches:
-                plan = plan_merge(
-                    b["input_ids"], cfg.image_token_id, b["image_tokens"], seq_lens=b["seq_lens"]
-                )
-                seg = plan.segment_lengths
-                assert seg[seg > 0].tolist() == b["expanded_lens"].tolist()
-        # the loss counts every labelled text token exactly once (first tokens carry no label)
-        labelled = sum(int((b["labels"] != -100).sum()) for b in batches)
-        assert refs[packed]["tokens"] == labelled
+        assert_sized_as_the_data_says(cfg, batches, packed, refs[packed])
 
 
 def test_flops_use_the_projector_count(setup):

@@ -19,7 +19,13 @@ from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.projector import projector_class
 from tests.distributed.launcher import run_distributed
-from tests.distributed.parity import assert_parity, loader_parity_setup, run_layouts, tiny_config
+from tests.distributed.parity import (
+    assert_parity,
+    assert_sized_as_the_data_says,
+    loader_parity_setup,
+    run_layouts,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -62,8 +68,7 @@ def test_batches_carry_slices_of_four_tokens(setup):
         per_row = torch.cat([b["num_images"] for b in batches])
         assert bool((per_row % 3 == 0).all()) and int(per_row.max()) >= 6  # 2 images x 3 tiles
         assert int((per_row == 0).sum()) + (1 if packed else 0) >= 1  # text-only rows (or packed)
-        labelled = sum(int((b["labels"] != -100).sum()) for b in batches)
-        assert refs[packed]["tokens"] == labelled
+        assert_sized_as_the_data_says(cfg, batches, packed, refs[packed])
 
 
 def test_flops_count_the_resampler_per_tile(setup):
