@@ -7,6 +7,9 @@ What this file does:
   own `BaseWebdatasetFactory.prepare_dataset` and write `.nv-meta/dataset.yaml` declaring a
   `CrudeWebdataset`; every `<prefix>.index.json` in the directory becomes energon split
   `<prefix>`. `mm-megatron data convert` calls it, so its shards load through both backends.
+  Indexing runs in the calling process (`InProcessAggregatorPool`): energon's own pool forks
+  worker processes from this one, and a forked child that crashes (seen: a segfault in a
+  library's garbage collection after fork) leaves the parent waiting on its queue forever.
 - `build_energon_loader(...)`: an `EnergonDataLoader`, a `MultimodalDataLoader` whose items come
   from energon's `SavableDataLoader` (energon shards the data over data-parallel ranks and
   workers, shuffles and blends datasets by weight); each crude sample is cooked by the same
@@ -61,6 +64,46 @@ def is_energon_dataset(spec: str | None) -> bool:
     return False
 
 
+def _in_process_pool_class() -> type:
+    """energon's `AggregatorPool` with its tasks run here, one after another, and no processes.
+
+    The aggregator sees exactly the calls energon's pool makes (`on_start`, `on_item` with
+    batches of at most `batch_size` items, `on_finish`, `get_final_result_data`); only the
+    forked workers and their queues are gone, so a failing shard raises here, naming itself,
+    instead of killing a child the parent then waits for.
+    """
+    from megatron.energon.flavors.webdataset.aggregator_pool import AggregatorPool
+
+    class InProcessAggregatorPool(AggregatorPool):
+        def __init__(self, num_workers, user_produce_data, aggregator, *, batch_size=1):
+            if batch_size <= 0:
+                raise ValueError(f"batch_size must be positive, got {batch_size}")
+            self.num_workers = num_workers
+            self.user_produce_data = user_produce_data
+            self.aggregator = aggregator
+            self.batch_size = batch_size
+            self.tasks: list[Any] = []
+
+        def submit_task(self, task: Any) -> None:
+            self.tasks.append(task)
+
+        def process(self) -> Any:
+            self.aggregator.on_start(self)
+            for task in self.tasks:
+                batch: list[Any] = []
+                for item in self.user_produce_data(task):
+                    batch.append(item)
+                    if len(batch) >= self.batch_size:
+                        self.aggregator.on_item(batch, self)
+                        batch = []
+                if batch:
+                    self.aggregator.on_item(batch, self)
+            self.aggregator.on_finish(self)
+            return self.aggregator.get_final_result_data()
+
+    return InProcessAggregatorPool
+
+
 def write_energon_metadata(out_dir: str) -> list[str]:
     """Make the webdataset shards of `out_dir` an energon dataset; returns the splits written.
 
@@ -72,9 +115,12 @@ def write_energon_metadata(out_dir: str) -> list[str]:
     Args:
         out_dir: Directory holding the shards and their index files.
     """
+    from unittest import mock
+
     import yaml
     from megatron.energon import BaseWebdatasetFactory, CrudeWebdataset
     from megatron.energon.epathlib import EPath
+    from megatron.energon.flavors.webdataset import prepare
 
     root = Path(out_dir)
     prefixes = sorted(p.name[: -len(".index.json")] for p in root.glob("*.index.json"))
@@ -84,11 +130,12 @@ def write_energon_metadata(out_dir: str) -> list[str]:
         raise ValueError(f"{out_dir}: no <prefix>-NNNNNN.tar shards with a <prefix>.index.json")
     # NOTE: energon brace-expands these regexes, which drops backslashes: write [.] and [0-9]
     patterns = [(prefix, f"^{prefix}-[0-9]+[.]tar$") for prefix in prefixes]
-    list(  # consume the generator: it does the indexing
-        BaseWebdatasetFactory.prepare_dataset(
-            EPath(root), tars, split_parts_patterns=patterns, workers=1
+    with mock.patch.object(prepare, "AggregatorPool", _in_process_pool_class()):
+        list(  # consume the generator: it does the indexing
+            BaseWebdatasetFactory.prepare_dataset(
+                EPath(root), tars, split_parts_patterns=patterns, workers=1
+            )
         )
-    )
     dataset_yaml = {"__module__": "megatron.energon", "__class__": CrudeWebdataset.__name__}
     (root / NV_META / "dataset.yaml").write_text(yaml.safe_dump(dataset_yaml), encoding="utf-8")
     return prefixes

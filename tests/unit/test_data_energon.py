@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import pickle
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +25,12 @@ from PIL import Image
 
 from mm_megatron.data.batch import validate_batch
 from mm_megatron.data.config import DataConfig
-from mm_megatron.data.energon import EnergonDataLoader, is_energon_dataset
+from mm_megatron.data.energon import (
+    NV_META,
+    EnergonDataLoader,
+    is_energon_dataset,
+    write_energon_metadata,
+)
 from mm_megatron.data.llava_json import main as convert_main
 from mm_megatron.data.loader import build_dataloader
 from mm_megatron.data.synthetic import write_synthetic_dataset
@@ -37,16 +45,7 @@ IMAGE_SIZE = 32
 def datasets(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("energon")
     synth = str(root / "synth")
-    write_synthetic_dataset(
-        synth,
-        n_train=40,
-        n_val=10,
-        image_size=IMAGE_SIZE,
-        shard_size=10,
-        seed=5,
-        multi_image_fraction=0.2,
-        text_only_fraction=0.1,
-    )
+    _synthetic(synth)
     prepare = [
         sys.executable,
         "-m",
@@ -64,7 +63,10 @@ def datasets(tmp_path_factory) -> dict[str, str]:
         "1",
         "--no-progress",
     ]
-    subprocess.run(prepare, check=True, capture_output=True, timeout=300)
+    try:
+        subprocess.run(prepare, check=True, capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:  # energon's forked indexer can die and leave it waiting
+        subprocess.run(prepare, check=True, capture_output=True, timeout=120)
 
     # a second dataset, written by `mm-megatron data convert` from a LLaVA JSON
     images = root / "images"
@@ -91,6 +93,43 @@ def datasets(tmp_path_factory) -> dict[str, str]:
         encoding="utf-8",
     )
     return {"synth": synth, "converted": converted, "blend": str(blend)}
+
+
+def _synthetic(out: str) -> None:
+    write_synthetic_dataset(
+        out,
+        n_train=40,
+        n_val=10,
+        image_size=IMAGE_SIZE,
+        shard_size=10,
+        seed=5,
+        multi_image_fraction=0.2,
+        text_only_fraction=0.1,
+    )
+
+
+def test_indexing_forks_nothing_and_matches_energons_own_tool(datasets, tmp_path, monkeypatch):
+    """`write_energon_metadata` indexes in this process (a forked energon worker that crashes
+    leaves its parent waiting forever); its index equals the one `energon prepare` writes."""
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("write_energon_metadata started a process")
+
+    monkeypatch.setattr(multiprocessing.Process, "start", no_process)
+    ours = str(tmp_path / "synth")
+    _synthetic(ours)
+    assert write_energon_metadata(ours) == ["train", "val"]
+    assert is_energon_dataset(ours)
+    for name in (".info.json", "split.yaml"):
+        theirs = (Path(datasets["synth"]) / NV_META / name).read_text(encoding="utf-8")
+        assert (Path(ours) / NV_META / name).read_text(encoding="utf-8") == theirs, name
+
+    def rows(root: str) -> list[tuple]:
+        with sqlite3.connect(Path(root) / NV_META / "index.sqlite") as db:
+            return db.execute("SELECT * FROM samples ORDER BY tar_file_id, sample_index").fetchall()
+
+    assert len(rows(ours)) == 50
+    assert rows(ours) == rows(datasets["synth"])
 
 
 def _config(shards: str, tokenizer: str, **overrides) -> DataConfig:
