@@ -208,6 +208,25 @@ class ProjectorConfig:
             )
         self.resampler.validate()
 
+    def tp_problems(self, tp: int, lm_hidden: int) -> list[str]:
+        """Why this projector's own heads and widths cannot split over TP=`tp` ([] if they can).
+
+        Args:
+            tp: Tensor-parallel size.
+            lm_hidden: The LM width (the default width of MLP projectors and the resampler).
+        """
+        width = self.hidden_size or lm_hidden
+        sizes = [("projector hidden size", width)]
+        if self.type == "qformer":
+            q = self.qformer
+            sizes += [
+                ("projector.qformer.num_attention_heads", q.num_attention_heads),
+                ("projector.qformer.intermediate_size", q.intermediate_size),
+            ]
+        elif self.type == "resampler":
+            sizes.append(("projector.resampler.num_heads", self.resampler.heads(width)))
+        return [f"{name}={size} is not divisible by TP={tp}" for name, size in sizes if size % tp]
+
 
 @dataclass
 class TilingConfig:

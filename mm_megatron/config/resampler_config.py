@@ -22,6 +22,10 @@ class ResamplerConfig:
     num_heads: int | None = None
     """Cross-attention heads (must divide the width, and by TP); None: width // 128."""
 
+    def heads(self, width: int) -> int:
+        """Cross-attention heads at resampler width `width`: `num_heads`, else width // 128."""
+        return self.num_heads or max(1, width // 128)
+
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
         if self.num_queries < 1:

@@ -148,7 +148,7 @@ class ResamplerProjector(Projector):
     @staticmethod
     def heads(pcfg, width: int) -> int:
         """Heads: ``projector.resampler.num_heads``, else ``width // 128`` (MiniCPM-V), >= 1."""
-        return pcfg.resampler.num_heads or max(1, width // 128)
+        return pcfg.resampler.heads(width)
 
     @classmethod
     def check(cls, pcfg, tokens_in):

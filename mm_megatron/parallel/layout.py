@@ -94,8 +94,7 @@ def layout_problems(
     problems += _divisible("lm.ffn_hidden_size", lm.ffn_hidden_size, par.tp, "TP")
     problems += _divisible("vision.num_attention_heads", v.num_attention_heads, par.tp, "TP")
     problems += _divisible("vision.ffn_hidden_size", v.ffn_hidden_size, par.tp, "TP")
-    proj_hidden = cfg.projector.hidden_size or lm.hidden_size
-    problems += _divisible("projector hidden size", proj_hidden, par.tp, "TP")
+    problems += cfg.projector.tp_problems(par.tp, lm.hidden_size)
     problems += _pipeline_problems(lm.num_layers, par)
     if seq_len is not None and par.cp > 1 and seq_len < 2 * par.cp:
         problems.append(

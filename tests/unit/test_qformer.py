@@ -246,6 +246,25 @@ def test_tp_divisibility_is_one_line(single_rank):
         cfg.validate()
 
 
+def test_layout_validation_names_connector_heads_before_any_build():
+    """Preflight (`layout_problems`, no torch module built) reports the connector's own heads
+    and widths with the LM's, all at once."""
+    from mm_megatron.parallel.layout import layout_problems
+
+    cfg = get_preset("debug-tiny-qformer")
+    cfg.projector.qformer.num_attention_heads = 3
+    cfg.projector.qformer.intermediate_size = 65
+    problems = layout_problems(cfg, ParallelConfig(tp=2))
+    assert "projector.qformer.num_attention_heads=3 is not divisible by TP=2" in problems
+    assert "projector.qformer.intermediate_size=65 is not divisible by TP=2" in problems
+    cfg = get_preset("debug-tiny-resampler")
+    cfg.projector.resampler.num_heads = 3
+    assert layout_problems(cfg, ParallelConfig(tp=2)) == [
+        "projector.resampler.num_heads=3 is not divisible by TP=2"
+    ]
+    assert layout_problems(get_preset("debug-tiny-resampler"), ParallelConfig(tp=2)) == []
+
+
 def test_planner_activation_estimate_is_close_to_what_autograd_saves(single_rank):
     """The class's ``activation_elements`` against the tensors autograd keeps (TP1, fp32):
     within 35% (the estimate ignores per-row LayerNorm statistics and views it cannot see)."""
