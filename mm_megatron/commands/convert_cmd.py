@@ -24,6 +24,17 @@ _EPILOG = (
 )
 
 
+def feature_layers(text: str) -> int | list[int]:
+    """`--vision-feature-layer`: "N" -> N, "N,M,..." -> [N, M, ...] (argparse type)."""
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a layer index or a comma-separated list of them"
+        ) from None
+    return layers[0] if len(layers) == 1 else layers
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -132,10 +143,11 @@ def _register_assemble(csub) -> None:
     )
     a.add_argument(
         "--vision-feature-layer",
-        type=int,
+        type=feature_layers,
         default=None,
-        metavar="N",
-        help="HF vision_feature_layer (default -2 for CLIP, -1 for SigLIP, or the preset's)",
+        metavar="N[,N...]",
+        help="HF vision_feature_layer: one layer, or several whose features are concatenated "
+        "(--vision-feature-layer=-2,-5); default -2 for CLIP, -1 for SigLIP, or the preset's",
     )
     a.add_argument("--image-token", default="<image>", help="image placeholder (default <image>)")
     a.add_argument("--spec", choices=["local", "te"], default="local", help="spec recorded")

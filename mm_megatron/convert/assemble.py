@@ -91,7 +91,7 @@ def parts_config(
     vocab_size: int,
     image_token_id: int,
     projector: str | None = None,
-    feature_layer: int | None = None,
+    feature_layer: int | list[int] | None = None,
     spec: str = "local",
     preset: str | None = None,
     make_vocab_size_divisible_by: int | None = None,
@@ -110,11 +110,9 @@ def parts_config(
     if feature_layer is None:
         feature_layer = base.vision.feature_layer if base else DEFAULT_FEATURE_LAYER[style]
     layers = vision.config.num_hidden_layers
-    if (
-        not isinstance(feature_layer, int)
-        or not -layers <= feature_layer <= layers
-        or not (feature_layer)
-    ):
+    chosen = feature_layer if isinstance(feature_layer, list) else [feature_layer]
+    bad = [x for x in chosen if not isinstance(x, int) or not -layers <= x <= layers or not x]
+    if bad or not chosen:
         raise UnsupportedModelError(
             f"--vision-feature-layer {feature_layer}: {vision.where}num_hidden_layers={layers} "
             f"allows 1..{layers} or -{layers}..-1"
@@ -326,7 +324,7 @@ def assemble(
     out_dir: Path,
     *,
     projector: str | None = None,
-    feature_layer: int | None = None,
+    feature_layer: int | list[int] | None = None,
     image_token: str = "<image>",
     spec: str = "local",
     dtype: str | torch.dtype | None = None,
@@ -345,8 +343,8 @@ def assemble(
         lm_dir: Llama/Mistral/Qwen2 causal-LM checkpoint directory with its tokenizer.
         out_dir: output checkpoint directory (must not exist unless ``force``).
         projector: projector type (default ``mlp2x_gelu``, or the preset's).
-        feature_layer: HF ``vision_feature_layer`` (default -2 for CLIP, -1 for SigLIP, or the
-            preset's).
+        feature_layer: HF ``vision_feature_layer``: a layer, or a list of layers whose features
+            are concatenated (default -2 for CLIP, -1 for SigLIP, or the preset's).
         image_token: the image placeholder text.
         spec: ``local`` or ``te``, recorded for training.
         dtype: storage dtype; default the parts' own (they must agree).

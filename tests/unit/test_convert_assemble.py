@@ -148,6 +148,36 @@ def test_llava_export_matches_our_logits(pairs, pair):
     assert (ours.float() - ref).abs().max().item() <= tol
 
 
+def test_several_feature_layers_concatenate_as_transformers_does(pairs, tmp_path):
+    """`--vision-feature-layer=-2,1`: the projector reads both layers' features concatenated,
+    and the LLaVA export (`vision_feature_layer: [-2, 1]`) computes what our model computes."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mm_megatron.convert.common import single_rank
+    from mm_megatron.convert.verify import forward_logits
+    from mm_megatron.model.build import build_llava_model
+
+    vision, lm, _, _, _ = pairs["clip+llama"]
+    ckpt, llava = tmp_path / "ckpt", tmp_path / "llava"
+    assert main(_asm(vision, lm, ckpt, "--vision-feature-layer=-2,1")) == 0
+    cfg = model_io.read_run_config(ckpt).model
+    assert cfg.vision.feature_layer == [-2, 1]
+    assert (
+        main(["convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(llava), "--quiet"]) == 0
+    )
+    hf = LlavaForConditionalGeneration.from_pretrained(
+        llava, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    assert hf.config.vision_feature_layer == [-2, 1]
+    assert hf.model.multi_modal_projector.linear_1.in_features == 2 * cfg.vision.hidden_size
+    batch = make_inputs(hf.config, text_len=12)
+    with single_rank():
+        model = build_llava_model(cfg)
+        model_io.load_checkpoint(model, ckpt)
+        ours = forward_logits(model.float(), batch["ours"])
+    assert (ours.float() - hf_logits(hf, batch["hf"])).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_verify_parts_tp1(pairs, pair, capsys):
     vision, lm, ckpt, _, _ = pairs[pair]
@@ -210,6 +240,7 @@ def test_bad_parts_give_one_line(pairs, tmp_path, capsys):
         "preset 'minimind-v' has vision.image_size=224",
     )
     _fails(_asm(vision, lm, out, "--vision-feature-layer", "7"), capsys, "num_hidden_layers=3")
+    _fails(_asm(vision, lm, out, "--vision-feature-layer=-2,0"), capsys, "-2, 0", "-3..-1")
     bf16_lm = pairs["clip+mistral"][1]
     line = _fails(_asm(vision, bf16_lm, out), capsys, "dtype clash", "--dtype")
     assert str(vision) in line and str(bf16_lm) in line
