@@ -168,6 +168,50 @@ def run_layouts(rank, world_size, jobs: list[tuple[dict, bool, bool]], cfg, weig
     return out
 
 
+CONNECTOR_CASES = [
+    (dict(tp=2), False),
+    (dict(tp=2, sequence_parallel=True), False),
+    (dict(pp=2), False),
+    (dict(cp=2), False),
+    (dict(cp=2), True),
+]
+"""The two-rank layouts every connector is proven under, with whether the batches are packed:
+TP2, TP2+SP, PP2, CP2 on padded rows and CP2 on packed (THD) rows."""
+
+
+def check_layouts(cases, cfg, weights, data, refs, keep=None, world: int = 2) -> None:
+    """Run ``(layout, packed)`` cases in one gloo world and assert each matches one rank.
+
+    Prints, per case, the loss of both and the worst relative error of any gradient or updated
+    parameter (the numbers the closing notes quote).
+
+    Args:
+        cases: ``(layout, packed)`` pairs, all of ``world`` ranks.
+        cfg, weights, data, refs: as ``loader_parity_setup`` returns them.
+        keep: maps a result to the part that must match (e.g. without parameters whose gradient
+            is exactly zero); default all of it.
+        world: ranks of every case.
+    """
+    from tests.distributed.launcher import run_distributed
+
+    keep = keep or (lambda result: result)
+    jobs = [(layout, packed, False) for layout, packed in cases]
+    got = run_distributed(run_layouts, world, jobs, cfg, weights, data, timeout=900)[0]
+    for (layout, packed), result in zip(cases, got):
+        ref, result = keep(refs[packed]), keep(result)
+        what = f"{layout} packed={packed}"
+        assert_parity(ref, result, what=what)
+        worst = max(
+            float((result[kind][k] - r).norm() / r.norm().clamp_min(1e-12))
+            for kind in ("grads", "params")
+            for k, r in ref[kind].items()
+        )
+        print(
+            f"{what}: loss {result['loss']:.8f} (one rank {ref['loss']:.8f}), "
+            f"worst grad/param relative error {worst:.1e}"
+        )
+
+
 def world_of(layout: dict, dp: int) -> int:
     """Ranks a layout needs."""
     return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1) * dp

@@ -17,24 +17,15 @@ import torch
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.projector import projector_class
-from tests.distributed.launcher import run_distributed
 from tests.distributed.parity import (
-    assert_parity,
+    CONNECTOR_CASES,
     assert_sized_as_the_data_says,
+    check_layouts,
     loader_parity_setup,
-    run_layouts,
     tiny_config,
 )
 
 pytestmark = pytest.mark.distributed
-
-CASES = [
-    (dict(tp=2), False),
-    (dict(tp=2, sequence_parallel=True), False),
-    (dict(pp=2), False),
-    (dict(cp=2), False),
-    (dict(cp=2), True),
-]
 
 
 def pooled_config():
@@ -80,7 +71,4 @@ def test_flops_use_the_projector_count(setup):
 @pytest.mark.timeout(1200)
 def test_parity_with_pooled_projector(setup):
     cfg, weights, data, refs = setup
-    jobs = [(layout, packed, False) for layout, packed in CASES]
-    got = run_distributed(run_layouts, 2, jobs, cfg, weights, data, timeout=900)[0]
-    for (layout, packed), result in zip(CASES, got):
-        assert_parity(refs[packed], result, what=f"{layout} packed={packed}")
+    check_layouts(CONNECTOR_CASES, cfg, weights, data, refs)

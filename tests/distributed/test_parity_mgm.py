@@ -15,18 +15,13 @@ import torch
 
 from mm_megatron.config import get_preset
 from mm_megatron.model.image_tokens import ImageTokenCounter
-from tests.distributed.launcher import run_distributed
-from tests.distributed.parity import assert_parity, loader_parity_setup, run_layouts
+from tests.distributed.parity import (
+    CONNECTOR_CASES,
+    check_layouts,
+    loader_parity_setup,
+)
 
 pytestmark = pytest.mark.distributed
-
-CASES = [
-    (dict(tp=2), False),
-    (dict(tp=2, sequence_parallel=True), False),
-    (dict(pp=2), False),
-    (dict(cp=2), False),
-    (dict(cp=2), True),
-]
 
 
 def mgm_config():
@@ -83,18 +78,7 @@ def drop_dead_key_biases(result: dict) -> dict:
 @pytest.mark.timeout(1200)
 def test_parity_mgm(setup):
     cfg, weights, data, refs = setup
-    jobs = [(layout, packed, False) for layout, packed in CASES]
-    got = run_distributed(run_layouts, 2, jobs, cfg, weights, data, timeout=900)[0]
-    for (layout, packed), result in zip(CASES, got):
-        ref, result = drop_dead_key_biases(refs[packed]), drop_dead_key_biases(result)
-        assert_parity(ref, result, what=f"{layout} packed={packed}")
-        worst = max(
-            float((result[k][n] - r).norm() / r.norm().clamp_min(1e-12))
-            for k in ("grads", "params")
-            for n, r in ref[k].items()
-        )
-        loss = abs(result["loss"] - ref["loss"]) / abs(ref["loss"])
-        print(f"{layout} packed={packed}: loss rel {loss:.1e}, worst grad/param rel {worst:.1e}")
+    check_layouts(CONNECTOR_CASES, cfg, weights, data, refs, keep=drop_dead_key_biases)
     # the towers and the mining trained in every layout
     grads = refs[False]["grads"]
     for prefix in ("vision_model.hires.", "vision_model.mining.", "vision_model.vit."):

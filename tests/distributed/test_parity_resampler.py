@@ -18,24 +18,15 @@ from mm_megatron.config.resampler_config import ResamplerConfig
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.model.projector import projector_class
-from tests.distributed.launcher import run_distributed
 from tests.distributed.parity import (
-    assert_parity,
+    CONNECTOR_CASES,
     assert_sized_as_the_data_says,
+    check_layouts,
     loader_parity_setup,
-    run_layouts,
     tiny_config,
 )
 
 pytestmark = pytest.mark.distributed
-
-CASES = [
-    (dict(tp=2), False),
-    (dict(tp=2, sequence_parallel=True), False),
-    (dict(pp=2), False),
-    (dict(cp=2), False),
-    (dict(cp=2), True),
-]
 
 
 def resampler_config():
@@ -89,17 +80,4 @@ def test_flops_count_the_resampler_per_tile(setup):
 @pytest.mark.timeout(1200)
 def test_parity_with_resampler_and_slices(setup):
     cfg, weights, data, refs = setup
-    jobs = [(layout, packed, False) for layout, packed in CASES]
-    got = run_distributed(run_layouts, 2, jobs, cfg, weights, data, timeout=900)[0]
-    for (layout, packed), result in zip(CASES, got):
-        ref = refs[packed]
-        assert_parity(ref, result, what=f"{layout} packed={packed}")
-        worst = max(
-            float((result[kind][k] - r).norm() / r.norm().clamp_min(1e-12))
-            for kind in ("grads", "params")
-            for k, r in ref[kind].items()
-        )
-        print(
-            f"{layout} {packed=}: loss {result['loss']:.8f} (one rank {ref['loss']:.8f}), "
-            f"worst grad/param relative error {worst:.1e}"
-        )
+    check_layouts(CONNECTOR_CASES, cfg, weights, data, refs)
