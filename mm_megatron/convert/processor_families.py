@@ -23,9 +23,10 @@ model's ``ImageTokenCounter`` for images of several aspect ratios (the processor
 Note: ``LlavaOnevisionProcessor`` holds a video processor, which transformers builds only with
 ``torchvision`` installed; without it the OneVision builder refuses with a one-line reason (so
 would ``AutoProcessor`` loading such an export). With ``torchvision`` installed, transformers
-loads image processors with its torchvision backend by default; pass ``backend="pil"`` to
-``AutoProcessor.from_pretrained`` for the training pixels bit for bit (the torchvision resize
-differs by up to one grey level).
+loads image processors with its torchvision backend by default, whose anyres tiles differ from
+the training pixels (up to 0.24 after normalisation, measured in
+``tests/unit/test_convert_export_processor_tiled.py``); the saved PIL image processor, loaded
+with ``AutoImageProcessor.from_pretrained(export, backend="pil")``, reproduces them.
 
 What it does not do: write files (``complete_export`` saves what these return), tokenizers'
 image token (``processor_files.run_tokenizer``), or the LLaVA-1.5 processor
