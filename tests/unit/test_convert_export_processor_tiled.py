@@ -223,3 +223,28 @@ def test_llava_processor_refuses_a_tiling_it_cannot_cut(tmp_path, tiling):
     cfg.tiling.type = tiling
     with pytest.raises(ExportFilesError, match=f"model.tiling.type='{tiling}'"):
         build_processor(cfg, {}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("preset", "norm"), [("llava-next-7b", "clip"), ("llava-onevision-0.5b", "siglip")]
+)
+def test_real_presets_processors_count_as_the_model(tmp_path, preset, norm):
+    # the builders check 12 image sizes (6 aspect ratios + every pinpoint) against the model's
+    # ImageTokenCounter and raise on any difference
+    from mm_megatron.convert import processor_families as pf
+    from mm_megatron.data.tokenizer import train_tiny_tokenizer
+
+    cfg = get_preset(preset)
+    if cfg.tiling.max_grid_patches and not HAS_TORCHVISION:
+        pytest.skip("LlavaOnevisionProcessor needs torchvision")
+    train_tiny_tokenizer(["a picture of <image> here"] * 4, str(tmp_path), vocab_size=300)
+    build = pf.onevision_processor if cfg.tiling.max_grid_patches else pf.llava_next_processor
+    processor = build(cfg, {"data": {"template": "chatml", "image_norm": norm}}, tmp_path)
+    assert processor.image_processor.image_grid_pinpoints == cfg.tiling.grid_pinpoints
+    # and the check bites: one token off per image (no class token to drop) is refused
+    processor.vision_feature_select_strategy = "default"
+    processor.num_additional_image_tokens = 0
+    if hasattr(processor, "num_image_tokens"):
+        processor.num_image_tokens = cfg.vision.num_output_tokens
+    with pytest.raises(ExportFilesError, match="image tokens for a"):
+        pf.check_anyres_counts(processor, cfg)
