@@ -64,6 +64,9 @@ class HFFamily:
     verify_inputs: Callable | None = None
     """``(hf_cfg, cfg, seed=) -> {"ours", "hf", "lengths"}``: ``convert verify``'s batch for
     tiled images (None: ``verify_inputs.make_verify_inputs``, one tile per image)."""
+    build_processor: Callable | None = None
+    """``(cfg, job, tokenizer_dir) -> processor`` for the export of a run trained here
+    (``processor_files.complete_export``); None: LLaVA's ``LlavaProcessor``."""
 
 
 HF_FAMILIES: dict[str, HFFamily] = {

@@ -30,6 +30,7 @@ from mm_megatron.config.model_config import (
 )
 from mm_megatron.convert.hf_config import HF_FAMILIES, HFFamily, text_config_to_ours
 from mm_megatron.convert.mapping import PROJECTOR_RULES, VISION_RULES, _identity, _qkv
+from mm_megatron.convert.processor_families import internvl_processor
 
 HF_TOWER = "model.vision_tower."
 """Prefix of the vision tower in ``InternVLForConditionalGeneration``."""
@@ -268,6 +269,7 @@ HF_FAMILIES["internvl"] = HFFamily(
     from_hf=internvl_config_from_hf,
     exports=lambda cfg: cfg.vision.style == "internvit",
     to_hf=_to_hf,
+    build_processor=internvl_processor,
 )
 VISION_RULES["internvit"] = internvit_rules
 PROJECTOR_RULES["pixel_shuffle_mlp"] = pixel_shuffle_projector_rules

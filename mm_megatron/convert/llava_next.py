@@ -31,6 +31,7 @@ from mm_megatron.convert.hf_config import (
     text_hf_config,
     vision_hf_config,
 )
+from mm_megatron.convert.processor_families import llava_next_processor, onevision_processor
 from mm_megatron.data.batch import ImageGeometry
 from mm_megatron.model.image_tokens import ImageTokenCounter
 
@@ -237,18 +238,21 @@ def tiny_anyres_model(family: str = NEXT, seed: int = 0):
     return model
 
 
-for _type, _arch, _config in (
-    (NEXT, NEXT_ARCH, "LlavaNextConfig"),
-    (ONEVISION, ONEVISION_ARCH, "LlavaOnevisionConfig"),
+for _type, _arch, _config, _capped, _processor in (
+    (NEXT, NEXT_ARCH, "LlavaNextConfig", False, llava_next_processor),
+    (ONEVISION, ONEVISION_ARCH, "LlavaOnevisionConfig", True, onevision_processor),
 ):
     register_hf_family(
         _type,
         HFFamily(
             _arch,
             _config,
-            exports=lambda cfg: cfg.tiling.type == "anyres",
+            exports=lambda cfg, capped=_capped: (
+                cfg.tiling.type == "anyres" and bool(cfg.tiling.max_grid_patches) == capped
+            ),
             to_hf=anyres_hf_config,
             tiling=tiling_from_hf,
             verify_inputs=anyres_verify_inputs,
+            build_processor=_processor,
         ),
     )

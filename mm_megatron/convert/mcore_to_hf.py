@@ -40,7 +40,6 @@ from mm_megatron.convert.common import (
     single_rank,
 )
 from mm_megatron.convert.hf_config import (
-    HF_FAMILIES,
     architecture_dict,
     hf_config_from_llava,
     llava_config_from_hf,
@@ -232,6 +231,12 @@ def mcore_to_hf(
     config_json, generated = src.config_json(log)
     synthetic = _synthetic_tensors(src.cfg) if generated else {}
     with atomic_output(out_dir, force, inputs=(ckpt_dir,)) as tmp, single_rank():
+        copy_files(src.hf_files, tmp, lambda name: name != "config.json")
+        (tmp / "config.json").write_text(config_json)
+        from mm_megatron.convert.processor_files import complete_export
+
+        # tokenizer + processor for any run; before the weights, so a refusal costs nothing
+        complete_export(tmp, ckpt_dir, src.cfg, log)
         export_tensors(
             src,
             tmp,
@@ -241,11 +246,6 @@ def mcore_to_hf(
             keep_layout=True,
             progress=progress,
         )
-        copy_files(src.hf_files, tmp, lambda name: name != "config.json")
-        (tmp / "config.json").write_text(config_json)
-        from mm_megatron.convert.processor_files import complete_export
-
-        complete_export(tmp, ckpt_dir, src.cfg, log)  # tokenizer + processor for any run
     return out_dir
 
 
@@ -372,8 +372,8 @@ def _config_json(cfg, hf_files: Path, default: str, override, log) -> tuple[str,
 
 def _synthetic_tensors(cfg) -> dict[str, torch.Tensor]:
     """Weights HF's vision tower has but our model never had (identity post-LayerNorm)."""
-    if any(f.exports is not None and f.exports(cfg) for f in HF_FAMILIES.values()):
-        return {}  # another family's config.json: its tower has exactly our weights
+    if cfg.vision.style not in ("clip", "siglip"):
+        return {}  # InternViT: HF's tower has exactly our weights
     h = cfg.vision.hidden_size
     return {
         "model.vision_tower.post_layernorm.weight": torch.ones(h),

@@ -1,12 +1,15 @@
 """Tokenizer and processor files for an HF export of any run, so `AutoProcessor` loads it.
 
 What this file does: `complete_export(out_dir, ckpt_dir, cfg)` runs after `mcore_to_hf` has
-written the weights and config.json. When the export lacks tokenizer or processor files (a run
-trained from scratch has no HF original to copy them from), it writes a `LlavaProcessor` built
-from the run's own pre-processing, read from the checkpoint's training state:
+written config.json (and before the weights). When the export lacks tokenizer or processor files
+(a run trained from scratch has no HF original to copy them from), it writes the processor of the
+config.json's family, built from the run's own pre-processing read from the checkpoint's training
+state. The family (`HF_FAMILIES[model_type]`) names its builder in `HFFamily.build_processor`
+(LLaVA-NeXT / OneVision / InternVL: `processor_families.py`); None means this file's
+`LlavaProcessor`, built from:
 
 - the run's tokenizer (`data.tokenizer_path`; for the generated synthetic dataset the one inside
-  the run directory), with `<image>` as its image token;
+  the run directory), with `<image>` as its image token (`run_tokenizer`);
 - an image processor that reproduces `mm_megatron.data.image.ImageTransform`: `pad` ->
   LLaVA's pad-to-square with the mean colour then a bicubic resize, `resize` -> a bicubic
   stretch, `crop` -> resize the short side and centre-crop; CLIP or SigLIP mean/std;
@@ -34,7 +37,8 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class ExportFilesError(ValueError):
-    """The run's tokenizer cannot be found; the message names the path and the fix."""
+    """The run's tokenizer cannot be found, or no HF processor can reproduce the run's
+    pre-processing; the message names the path or setting and the fix."""
 
 
 def _latest_job(ckpt_dir: Path) -> dict:
@@ -120,18 +124,36 @@ def chat_template_jinja(name: str, system_prompt: str | None = None) -> str | No
     )  # fmt: skip
 
 
+def run_tokenizer(job: dict, tokenizer_dir: Path) -> Any:
+    """The run's tokenizer, with its image placeholder (`data.image_token`) as one token."""
+    from transformers import AutoTokenizer
+
+    image_token = (job.get("data") or {}).get("image_token") or "<image>"
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    return tokenizer
+
+
+def run_chat_template(job: dict) -> str | None:
+    """The jinja chat template of the run's data config."""
+    data = job.get("data") or {}
+    return chat_template_jinja(data.get("template", "vicuna_v1"), data.get("system_prompt"))
+
+
 def build_processor(cfg: Any, job: dict, tokenizer_dir: Path) -> Any:
     """The `LlavaProcessor` of a run: its tokenizer, image transform and image-token count."""
-    from transformers import AutoTokenizer, LlavaImageProcessorPil, LlavaProcessor
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
 
     from mm_megatron.data.batch import ImageGeometry
     from mm_megatron.model.image_tokens import ImageTokenCounter
 
+    if cfg.tiling.type != "none":
+        raise ExportFilesError(
+            f"model.tiling.type={cfg.tiling.type!r}: transformers' LlavaProcessor has no such "
+            "tiling, so the export could not reproduce the run's pre-processing"
+        )
     data = job.get("data") or {}
-    image_token = data.get("image_token") or "<image>"
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
     image_processor = LlavaImageProcessorPil(
         **image_processor_kwargs(
             cfg.vision.image_size, data.get("image_aspect", "pad"), data.get("image_norm", "clip")
@@ -143,15 +165,21 @@ def build_processor(cfg: Any, job: dict, tokenizer_dir: Path) -> Any:
     # LlavaProcessor: grid + num_additional_image_tokens (- 1 with the "default" strategy)
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=run_tokenizer(job, tokenizer_dir),
         patch_size=patch,
         vision_feature_select_strategy="full",
         num_additional_image_tokens=count - grid,
-        image_token=image_token,
-        chat_template=chat_template_jinja(
-            data.get("template", "vicuna_v1"), data.get("system_prompt")
-        ),
+        image_token=data.get("image_token") or "<image>",
+        chat_template=run_chat_template(job),
     )
+
+
+def export_family(out_dir: Path) -> Any:
+    """The `HFFamily` of the export's config.json (its `model_type`)."""
+    from mm_megatron.convert.hf_config import HF_FAMILIES
+
+    config = json.loads((Path(out_dir) / "config.json").read_text(encoding="utf-8"))
+    return HF_FAMILIES[config.get("model_type", "llava")]
 
 
 def complete_export(out_dir: Path, ckpt_dir: Path, cfg: Any, log=print) -> bool:
@@ -159,10 +187,14 @@ def complete_export(out_dir: Path, ckpt_dir: Path, cfg: Any, log=print) -> bool:
     written.
 
     Args:
-        out_dir: The export directory (weights and config.json already written).
+        out_dir: The export directory (config.json already written).
         ckpt_dir: The checkpoint it was exported from (its training state names the data).
         cfg: The model's `LlavaConfig`.
         log: Where to print a one-line note.
+
+    Raises:
+        ExportFilesError: the tokenizer is missing, or the family's processor cannot reproduce
+            the run's pre-processing (one line naming why).
     """
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     has_tokenizer = any((out_dir / n).is_file() for n in TOKENIZER_FILES)
@@ -180,7 +212,9 @@ def complete_export(out_dir: Path, ckpt_dir: Path, cfg: Any, log=print) -> bool:
             "(relative paths are from the training run's working directory); run the export "
             "from there so the export gets its tokenizer and processor"
         )
-    processor = build_processor(cfg, job, tokenizer_dir)
+    build = export_family(out_dir).build_processor or build_processor
+    processor = build(cfg, job, tokenizer_dir)
     processor.save_pretrained(str(out_dir))
-    log(f"wrote the run's tokenizer ({tokenizer_dir}) and LlavaProcessor to {out_dir}")
+    name = type(processor).__name__
+    log(f"wrote the run's tokenizer ({tokenizer_dir}) and {name} to {out_dir}")
     return True
