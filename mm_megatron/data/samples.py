@@ -26,7 +26,7 @@ from mm_megatron.data.config import DataConfig
 from mm_megatron.data.image import ImageDecodeError, ImageTransform, decode_image
 from mm_megatron.data.shards import IMAGE_EXTENSIONS
 from mm_megatron.data.templates import TemplateError, tokenize_conversation
-from mm_megatron.data.tiling import PlaceholderImages, Tiler, build_tiler
+from mm_megatron.data.tiling import PlaceholderImages, Tiler, build_tiler, sample_tiler
 
 BAD_REASONS = (
     "broken_json",
@@ -218,13 +218,14 @@ class SampleProcessor:
             raise BadSampleError("no_loss_tokens", "no token has a label")
 
         images = PlaceholderImages()
+        tiler = sample_tiler(self.tiler, num_images)  # OneVision: 1 tile each if several
         for i in range(num_images):
             ext = next((f"{i}.{e}" for e in IMAGE_EXTENSIONS if f"{i}.{e}" in available), None)
             if ext is None:
                 raise BadSampleError("missing_image", f"no member for image {i} ({image_names[i]})")
             try:
                 img = decode_image(read(ext))
-                tiled = self.tiler(img)
+                tiled = tiler(img)
             except ImageDecodeError as e:
                 raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
             images.add(img, tiled, self.image_tokens, info)

@@ -43,7 +43,7 @@ from PIL import Image
 from mm_megatron.data.batch import IGNORE_INDEX
 from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.templates import EOS, get_template, tokenize_conversation
-from mm_megatron.data.tiling import PlaceholderImages, build_tiler
+from mm_megatron.data.tiling import PlaceholderImages, build_tiler, sample_tiler
 
 
 def model_image_inputs(
@@ -63,7 +63,7 @@ def model_image_inputs(
     """
     if not images:
         return None, {}
-    tiler = build_tiler(model.cfg.tiling, transform)
+    tiler = sample_tiler(build_tiler(model.cfg.tiling, transform), len(images))
     placed = PlaceholderImages()
     for img in images:
         tiled = tiler(img)
