@@ -3,10 +3,11 @@
 What this file does: parses the sample's JSON record, tokenizes its conversation with a chat
 template, checks that placeholders match images and that some token carries a loss (first, so
 such samples cost no decoding), then decodes each image, cuts it into tiles with the model's
-tiling scheme (`tiling.py`), sizes it with the model's `ImageTokenCounter`, and checks that the
-expanded length fits. Every failure that is the
-data's fault raises `BadSampleError` with one of `BAD_REASONS`; the reader turns it into a
-`BadSample` that the loader counts and logs.
+tiling scheme (`tiling.py`; `sample_tiler` picks the scheme's multi-image tiler, if it has one,
+for a sample with several images), sizes it with the model's `ImageTokenCounter`, and checks
+that the expanded length fits. Every failure that is the data's fault raises `BadSampleError`
+with one of `BAD_REASONS`; the reader turns it into a `BadSample` that the loader counts and
+logs.
 
 What it does not do: read tar files, order samples, or batch them.
 """

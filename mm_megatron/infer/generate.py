@@ -52,8 +52,9 @@ def model_image_inputs(
     """(pixels [T, 3, H, W] or None, {num_tiles, image_tokens, image_sizes[, layouts]}).
 
     The images are tiled and counted exactly as `SampleProcessor` does for training
-    (`data.tiling.PlaceholderImages`); `Generator.generate` splices the layouts of schemes with
-    separator tokens (MiniCPM-V slices) into the prompt.
+    (`data.tiling.sample_tiler` and `PlaceholderImages`: a prompt of several images takes the
+    scheme's multi-image tiler, e.g. OneVision's one tile per image); `Generator.generate`
+    splices the layouts of schemes with separator tokens (MiniCPM-V slices) into the prompt.
 
     Args:
         model: The `LlavaModel` (its `cfg.tiling` and `count_image_tokens`).
