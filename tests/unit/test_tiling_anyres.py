@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -143,6 +144,7 @@ def test_onevision_multi_image_samples_match_the_processor(info):
     # data.image_aspect=resize: the multi-image tile is padded whatever the data config says
     cfg, processor = _sample_processor(ONEVISION, info, "resize", "siglip")
     assert cfg.tiling.multi_image_single_tile
+    assert pickle.loads(pickle.dumps(processor.tiler)) == processor.tiler  # DataLoader workers
     samples = [
         [_image(50, 90, 20), _image(120, 40, 21)],
         [_image(33, 101, 22), _image(70, 70, 23), _image(200, 64, 24)],
