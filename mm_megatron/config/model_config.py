@@ -257,6 +257,10 @@ class TilingConfig:
     max_grid_patches: int = 0
     """anyres: OneVision's ``anyres_max_N`` (the grid's feature budget in tiles; bilinear
     down-scaling above ~1.1x it); 0 = LLaVA-NeXT (no limit)."""
+    multi_image_single_tile: bool = False
+    """In a sample with more than one image, make every image one tile (padded to a square with
+    the mean colour, resized) instead of tiling it: LLaVA-OneVision's rule (HF
+    ``batch_num_images``); False = LLaVA-NeXT (every image tiled)."""
 
 
 @dataclass

@@ -38,7 +38,8 @@ def llava_next_7b() -> LlavaConfig:
 
 @register_preset("llava-onevision-0.5b")
 def llava_onevision_05b() -> LlavaConfig:
-    """LLaVA-OneVision-0.5B: SigLIP so400m/14 at 384 + MLP2x-GELU + Qwen2-0.5B, anyres_max_9."""
+    """LLaVA-OneVision-0.5B: SigLIP so400m/14 at 384 + MLP2x-GELU + Qwen2-0.5B, anyres_max_9;
+    the images of a multi-image sample are one padded square tile each."""
     return LlavaConfig(
         vision=VisionConfig(
             style="siglip",
@@ -68,7 +69,12 @@ def llava_onevision_05b() -> LlavaConfig:
             tie_embeddings=True,
             norm_eps=1e-6,
         ),
-        tiling=TilingConfig(type="anyres", grid_pinpoints=ONEVISION_PINPOINTS, max_grid_patches=9),
+        tiling=TilingConfig(
+            type="anyres",
+            grid_pinpoints=ONEVISION_PINPOINTS,
+            max_grid_patches=9,
+            multi_image_single_tile=True,  # several images in a sample: one tile each
+        ),
         image_token_id=151646,
     )
 

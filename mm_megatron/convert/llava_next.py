@@ -7,11 +7,15 @@ tensor (``model.image_newline [h]``, mapped in ``mapping.py``), and the tiling s
 (``image_grid_pinpoints``; OneVision's ``vision_aspect_ratio="anyres_max_N"``). So this module
 only adds what differs, and registers both families with ``hf_config.register_hf_family``:
 
-- :func:`tiling_from_hf`: HF config -> our ``TilingConfig`` (clear errors for what we lack);
+- :func:`tiling_from_hf`: HF config -> our ``TilingConfig`` (clear errors for what we lack;
+  OneVision also sets ``multi_image_single_tile``, its one-tile-per-image rule for samples with
+  several images);
 - :func:`anyres_hf_config`: our anyres config -> an HF config dict (export with no original:
-  OneVision when ``max_grid_patches`` is set, LLaVA-NeXT otherwise);
+  OneVision when ``max_grid_patches`` and ``multi_image_single_tile`` are set, LLaVA-NeXT when
+  neither is; one-line error for a mix HF has no class for);
 - :func:`anyres_verify_inputs`: ``convert verify``'s batch for both models: images of three aspect
-  ratios (so three tile grids), two images in one sample, a text-only sample, right padding;
+  ratios (so three tile grids), two images in one sample (one tile each under OneVision's rule,
+  with HF's ``batch_num_images``), a text-only sample, right padding;
 - :func:`tiny_anyres_model`: a random tiny HF model of either family (tests, walkthroughs).
 
 What it does not do: the tensor mapping (``mapping.py``), streaming, or the CLI.
@@ -57,13 +61,24 @@ def tiling_from_hf(hf_cfg) -> TilingConfig:
                 f"config.json vision_aspect_ratio={ratio!r} is unsupported (expected anyres_max_N)"
             )
         max_patches = int(m.group(1))
-    return TilingConfig(type="anyres", grid_pinpoints=pins, max_grid_patches=max_patches)
+    return TilingConfig(
+        type="anyres",
+        grid_pinpoints=pins,
+        max_grid_patches=max_patches,
+        multi_image_single_tile=hf_cfg.model_type == ONEVISION,  # HF's batch_num_images rule
+    )
 
 
 def anyres_hf_config(cfg: LlavaConfig, dtype: str = "float32") -> dict:
     """A transformers LLaVA-NeXT / OneVision config dict for anyres model ``cfg``."""
     from transformers import LlavaNextConfig, LlavaOnevisionConfig
 
+    t = cfg.tiling
+    if bool(t.max_grid_patches) != t.multi_image_single_tile:
+        raise UnsupportedModelError(
+            f"model.tiling.max_grid_patches={t.max_grid_patches} with multi_image_single_tile="
+            f"{t.multi_image_single_tile}: HF LLaVA-OneVision has both, LLaVA-NeXT neither"
+        )
     v = cfg.vision
     strategy = "default" if v.has_class_token and v.drop_class_token else "full"
     kw = dict(
@@ -104,7 +119,9 @@ def anyres_verify_inputs(hf_cfg, cfg: LlavaConfig, *, seed: int = 0) -> dict:
 
     Sample 0 has two images (wide, tall) at different positions, sample 1 is text-only, sample 2
     has one square image and is shorter (right padding). Pixels are random normal tiles; the
-    image sizes are scaled to the tile size so every grid of the pinpoints can occur.
+    image sizes are scaled to the tile size so every grid of the pinpoints can occur. Under
+    ``tiling.multi_image_single_tile`` (OneVision) sample 0's images are one tile each, HF gets
+    ``batch_num_images``, and a sample 3 holds the wide image alone, so its grid stays covered.
 
     Args:
         hf_cfg: The HF config (ids, vocab).
@@ -126,7 +143,10 @@ def anyres_verify_inputs(hf_cfg, cfg: LlavaConfig, *, seed: int = 0) -> dict:
         ids[(ids == image) | (ids == pad)] = 6
         return ids
 
+    single_tile = cfg.tiling.multi_image_single_tile
     layouts = [([3, 20, 9], sizes[:2]), ([40], []), ([5, 7], sizes[2:])]
+    if single_tile:
+        layouts.append(([4, 11], sizes[:1]))
     rows, tokens, tiles = [], [], []
     for pieces, imgs in layouts:
         parts = []
@@ -136,7 +156,7 @@ def anyres_verify_inputs(hf_cfg, cfg: LlavaConfig, *, seed: int = 0) -> dict:
                 parts.append(torch.tensor([image]))
         rows.append(torch.cat(parts))
         for hw in imgs:
-            t = arr.num_tiles(hw)
+            t = 1 if single_tile and len(imgs) > 1 else arr.num_tiles(hw)
             tiles.append(t)
             tokens.append(counter(ImageGeometry(num_tiles=t, image_size=hw)))
     all_sizes = [hw for _, imgs in layouts for hw in imgs]
@@ -178,6 +198,8 @@ def anyres_verify_inputs(hf_cfg, cfg: LlavaConfig, *, seed: int = 0) -> dict:
         input_ids=hf_ids,
         attention_mask=mask,
     )
+    if single_tile:  # transformers' OneVision tiles only the images that are alone in a sample
+        hf["batch_num_images"] = torch.tensor([len(imgs) for _, imgs in layouts if imgs])
     return {"ours": ours, "hf": hf, "lengths": lengths}
 
 

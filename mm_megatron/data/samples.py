@@ -3,10 +3,11 @@
 What this file does: parses the sample's JSON record, tokenizes its conversation with a chat
 template, checks that placeholders match images and that some token carries a loss (first, so
 such samples cost no decoding), then decodes each image, cuts it into tiles with the model's
-tiling scheme (`tiling.py`), sizes it with the model's `ImageTokenCounter`, and checks that the
-expanded length fits. Every failure that is the
-data's fault raises `BadSampleError` with one of `BAD_REASONS`; the reader turns it into a
-`BadSample` that the loader counts and logs.
+tiling scheme (`tiling.py`; `sample_tiler` picks the scheme's multi-image tiler, if it has one,
+for a sample with several images), sizes it with the model's `ImageTokenCounter`, and checks
+that the expanded length fits. Every failure that is the data's fault raises `BadSampleError`
+with one of `BAD_REASONS`; the reader turns it into a `BadSample` that the loader counts and
+logs.
 
 What it does not do: read tar files, order samples, or batch them.
 """
@@ -26,7 +27,7 @@ from mm_megatron.data.config import DataConfig
 from mm_megatron.data.image import ImageDecodeError, ImageTransform, decode_image
 from mm_megatron.data.shards import IMAGE_EXTENSIONS
 from mm_megatron.data.templates import TemplateError, tokenize_conversation
-from mm_megatron.data.tiling import PlaceholderImages, Tiler, build_tiler
+from mm_megatron.data.tiling import PlaceholderImages, Tiler, build_tiler, sample_tiler
 
 BAD_REASONS = (
     "broken_json",
@@ -218,13 +219,14 @@ class SampleProcessor:
             raise BadSampleError("no_loss_tokens", "no token has a label")
 
         images = PlaceholderImages()
+        tiler = sample_tiler(self.tiler, num_images)  # OneVision: 1 tile each if several
         for i in range(num_images):
             ext = next((f"{i}.{e}" for e in IMAGE_EXTENSIONS if f"{i}.{e}" in available), None)
             if ext is None:
                 raise BadSampleError("missing_image", f"no member for image {i} ({image_names[i]})")
             try:
                 img = decode_image(read(ext))
-                tiled = self.tiler(img)
+                tiled = tiler(img)
             except ImageDecodeError as e:
                 raise BadSampleError("corrupt_image", f"image {i} ({image_names[i]}): {e}") from e
             images.add(img, tiled, self.image_tokens, info)

@@ -14,6 +14,12 @@ puts separator tokens between its tiles returns a text `layout`; `PlaceholderIma
 sample's tiled images per placeholder and splices the layouts into its token ids, for training
 and generation alike.
 
+Multi-image samples: a tiler may carry a `multi_image` attribute, the tiler for every image of a
+sample with more than one image. `build_tiler` gives one when `TilingConfig.
+multi_image_single_tile` is set (LLaVA-OneVision: one square tile, padded with the mean colour as
+`ImageTransform(aspect="pad")` does, whatever `data.image_aspect` says), and `sample_tiler` picks
+it; `SampleProcessor` and `infer.generate.model_image_inputs` both call `sample_tiler`.
+
 What it does not do: decode bytes, normalise (tiles stay uint8 until `collate_rows`), or count
 tokens (`mm_megatron.model.image_tokens`).
 """
@@ -66,9 +72,26 @@ def register_tiler(name: str) -> Callable[[TilerFactory], TilerFactory]:
 
 
 def build_tiler(tiling: TilingConfig | None, transform: ImageTransform) -> Tiler:
-    """The tiler of `tiling` (None: `none`); ValueError lists the registered schemes."""
+    """The tiler of `tiling` (None: `none`); ValueError lists the registered schemes.
+
+    With `tiling.multi_image_single_tile` it is a `MultiImageTiler` (see `sample_tiler`).
+    """
     tiling = tiling or TilingConfig()
-    return TILERS.lookup(tiling.type)(tiling, transform)
+    tiler = TILERS.lookup(tiling.type)(tiling, transform)
+    if tiling.multi_image_single_tile:
+        padded = ImageTransform(transform.size, "pad", transform.norm)
+        return MultiImageTiler(single=tiler, multi_image=SingleTile(padded))
+    return tiler
+
+
+def sample_tiler(tiler: Tiler, num_images: int) -> Tiler:
+    """The tiler for each image of a sample with `num_images` images.
+
+    `tiler.multi_image` when the sample has more than one image and the tiler has that
+    attribute, else `tiler` itself.
+    """
+    multi = getattr(tiler, "multi_image", None)
+    return multi if num_images > 1 and multi is not None else tiler
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,20 @@ class SingleTile:
     def __call__(self, img: Image.Image) -> TiledImage:
         tile = np.asarray(self.transform.square(img))  # [H, W, 3]
         return TiledImage(tiles=tile[None], geometry=ImageGeometry(num_tiles=1))
+
+
+@dataclass(frozen=True)
+class MultiImageTiler:
+    """A scheme's tiler plus the one for images of multi-image samples (picklable)."""
+
+    single: Tiler
+    """Tiles an image that is alone in its sample (and any image when called directly)."""
+
+    multi_image: Tiler
+    """Tiles each image of a sample with more than one image."""
+
+    def __call__(self, img: Image.Image) -> TiledImage:
+        return self.single(img)
 
 
 @register_tiler("none")

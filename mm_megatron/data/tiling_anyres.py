@@ -15,9 +15,11 @@ Registered as tiling scheme ``anyres`` (``model.tiling.grid_pinpoints``; the til
 encoder's ``image_size``). Output is uint8 ``[t, S, S, 3]``; normalisation happens at collation.
 The geometry carries the original size, from which ``ImageTokenCounter`` counts.
 
-Not done here: OneVision's processor gives the images of a multi-image sample one padded square
-tile each instead of a grid; a tiler sees one image at a time, so here every image is tiled
-(transformers' OneVision model does the same when ``batch_num_images`` is not passed).
+Not done here: OneVision's rule for samples with more than one image (each image one square tile,
+padded with the mean colour and resized, as its processor does with ``batch_num_images``). A
+tiler sees one image at a time, so ``model.tiling.multi_image_single_tile`` makes
+``data.tiling.build_tiler`` add that one-tile tiler and ``sample_tiler`` pick it per sample;
+LLaVA-NeXT (the flag off) tiles every image.
 
 What it does not do: decide the token count (``mm_megatron.model.anyres`` and
 ``ImageTokenCounter`` do, from the original size), or arrange features (the model does).

@@ -43,7 +43,7 @@ from PIL import Image
 from mm_megatron.data.batch import IGNORE_INDEX
 from mm_megatron.data.image import ImageTransform
 from mm_megatron.data.templates import EOS, get_template, tokenize_conversation
-from mm_megatron.data.tiling import PlaceholderImages, build_tiler
+from mm_megatron.data.tiling import PlaceholderImages, build_tiler, sample_tiler
 
 
 def model_image_inputs(
@@ -52,8 +52,9 @@ def model_image_inputs(
     """(pixels [T, 3, H, W] or None, {num_tiles, image_tokens, image_sizes[, layouts]}).
 
     The images are tiled and counted exactly as `SampleProcessor` does for training
-    (`data.tiling.PlaceholderImages`); `Generator.generate` splices the layouts of schemes with
-    separator tokens (MiniCPM-V slices) into the prompt.
+    (`data.tiling.sample_tiler` and `PlaceholderImages`: a prompt of several images takes the
+    scheme's multi-image tiler, e.g. OneVision's one tile per image); `Generator.generate`
+    splices the layouts of schemes with separator tokens (MiniCPM-V slices) into the prompt.
 
     Args:
         model: The `LlavaModel` (its `cfg.tiling` and `count_image_tokens`).
@@ -63,7 +64,7 @@ def model_image_inputs(
     """
     if not images:
         return None, {}
-    tiler = build_tiler(model.cfg.tiling, transform)
+    tiler = sample_tiler(build_tiler(model.cfg.tiling, transform), len(images))
     placed = PlaceholderImages()
     for img in images:
         tiled = tiler(img)

@@ -15,7 +15,8 @@ image's tile features back together the way transformers' ``pack_image_features`
 4. append the learned ``image_newline`` after each feature row;
 5. prepend the base tile's features.
 
-A single-tile image (OneVision's multi-image samples) is its features plus one newline.
+A single-tile image (each image of a OneVision sample with several images,
+``tiling.multi_image_single_tile``) is its features plus one newline.
 
 :class:`AnyresArrangement` states the resulting count (``ImageTokenCounter`` asks it, so the data
 pipeline and the model cannot disagree) and arranges the features. What it does not do: cut

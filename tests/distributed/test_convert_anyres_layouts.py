@@ -2,8 +2,9 @@
 
 Logits must match transformers' (fp32, max |diff| <= 1e-4, identical argmax) on ``convert
 verify``'s anyres batch: images of three aspect ratios (three tile grids; OneVision's
-``anyres_max`` down-scaling included), two images in one sample, a text-only sample and right
-padding. One spawned world runs both checkpoints at both layouts.
+``anyres_max`` down-scaling included), two images in one sample (OneVision: one tile each, the
+HF model given ``batch_num_images``), a text-only sample and right padding. One spawned world runs
+both checkpoints at both layouts.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def world(tmp_path_factory):
             refs[family] = model(**batch["hf"], use_cache=False).logits.float()
         jobs += [(str(mc), batch["ours"], tp, pp) for tp, pp in LAYOUTS]
         refs[family, "lengths"] = batch["lengths"]
+        refs[family, "num_tiles"] = batch["ours"]["num_tiles"].tolist()
     per_rank = run_distributed(_world, 4, jobs, timeout=600)
     results = {}
     for j, (ckpt, _, tp, pp) in enumerate(jobs):
@@ -60,7 +62,12 @@ def world(tmp_path_factory):
 def test_anyres_logits_match_transformers(world, family, tp, pp):
     refs, results = world
     ref, ours = refs[family], results[family, tp, pp]
-    for i, n in enumerate(refs[family, "lengths"]):  # real positions of each sample
+    multi = refs[family, "num_tiles"][:2]  # sample 0's two images: one tile each, or grids
+    assert (multi == [1, 1]) == (family == ONEVISION) and min(multi) >= 1, multi
+    lengths = refs[family, "lengths"]
+    for i, n in enumerate(lengths):  # real positions of each sample
         a, b = ours[i, :n], ref[i, :n]
         assert (a - b).abs().max().item() <= ATOL, (family, tp, pp, i)
         assert torch.equal(a.argmax(-1), b.argmax(-1)), (family, tp, pp, i)
+    worst = max((ours[i, :n] - ref[i, :n]).abs().max().item() for i, n in enumerate(lengths))
+    print(f"{family} TP{tp}xPP{pp}: max |logit diff| {worst:.3g}")

@@ -1,7 +1,8 @@
 """Anyres (LLaVA-NeXT tiling + OneVision's anyres_max down-scaling) through every layout: data ->
 tiles -> arrangement -> merge -> CP padding -> loss -> FLOPs, with parity against one rank at
 TP2, TP2+SP, PP2, CP2 (padded and packed THD rows; each with DP2) and TP2 x CP2 + SP, in one
-4-rank gloo world.
+4-rank gloo world. OneVision's multi-image rule is on, so micro-batches mix one-tile images (of
+two-image samples) with gridded ones.
 
 The micro-batches come from the real data pipeline: synthetic shards whose images are square,
 wide and tall (so the best-fit grid and the unpadded feature map differ per image), with
@@ -43,6 +44,7 @@ def anyres_config():
     cfg.tiling.type = "anyres"
     cfg.tiling.grid_pinpoints = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
     cfg.tiling.max_grid_patches = 3  # OneVision's anyres_max_3: square 8x8 maps shrink to 6x6
+    cfg.tiling.multi_image_single_tile = True  # and its rule: 1 tile per image if several
     cfg.lm.max_position_embeddings = 512
     return cfg
 
@@ -68,12 +70,21 @@ def test_batches_carry_per_image_tiles_and_counts(setup):
         sizes = torch.cat([b["image_sizes"] for b in batches])
         assert len(set(map(tuple, sizes.tolist()))) >= 3, "want square, wide and tall images"
         assert len(set(tokens.tolist())) >= 2, "want different token counts per image"
-        shrunk = [arr.feature_hw(hw) != arr.unpadded_hw(hw) for hw in sizes.tolist()]
+        gridded = [hw for t, hw in zip(tiles.tolist(), sizes.tolist()) if t > 1]
+        shrunk = [arr.feature_hw(hw) != arr.unpadded_hw(hw) for hw in gridded]
         assert any(shrunk) and not all(shrunk), "want grids both under and over the budget"
+        assert 1 in tiles.tolist(), "want one-tile images of multi-image samples"
         for t, n, hw in zip(tiles.tolist(), tokens.tolist(), sizes.tolist()):
+            if t == 1:  # features + one newline
+                assert n == counter.tokens_per_tile + 1
+                continue
             assert t == arr.num_tiles(hw) > 1
             h, w = arr.feature_hw(hw)
             assert n == counter.tokens_per_tile + h * (w + 1)  # base + rows x (cols + newline)
+        if not packed:  # rows are samples: several images -> one tile each, else the grid
+            rows = torch.cat([b["num_images"] for b in batches]).tolist()
+            per_row = torch.split(tiles, rows)
+            assert all((r.tolist() == [1] * len(r)) == (len(r) > 1) for r in per_row if len(r))
         assert max(int(b["num_images"].max()) for b in batches) >= 2
         if not packed:
             assert min(int(b["num_images"].min()) for b in batches) == 0, "want a text-only row"

@@ -174,7 +174,8 @@ def test_llava_next_export_loads_as_llava_next_and_reproduces_training(tmp_path)
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="LlavaOnevisionProcessor needs torchvision")
 def test_onevision_export_loads_as_onevision_and_reproduces_training(tmp_path):
     # a 2x2 grid (8x8 features) is over 1.1^2 x 1 tile's worth: the features shrink
-    job = _train_from_scratch(tmp_path, "debug-tiny-anyres", tiling={"max_grid_patches": 1})
+    tiling = {"max_grid_patches": 1, "multi_image_single_tile": True}  # OneVision's two rules
+    job = _train_from_scratch(tmp_path, "debug-tiny-anyres", tiling=tiling)
     got = _check_export(
         tmp_path, job, "LlavaOnevisionProcessor", "LlavaOnevisionForConditionalGeneration"
     )

@@ -2,8 +2,9 @@
 
 Bit-exact round trip (``image_newline`` included), ``from_pretrained`` of the export, the config
 check, and logits parity with transformers at TP1 (fp32, max |diff| <= 1e-4, identical argmax)
-on images of three aspect ratios, two images in one sample and a text-only sample; one-line
-errors for what the converter does not support.
+on images of three aspect ratios, two images in one sample (OneVision: one tile each, HF given
+``batch_num_images``) and a text-only sample; one-line errors for what the converter does not
+support.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(ckpts, family):
     cfg = model_io.read_run_config(mc).model
     assert cfg.tiling.type == "anyres" and cfg.tiling.grid_pinpoints
     assert cfg.tiling.max_grid_patches == (2 if family == ONEVISION else 0)
+    assert cfg.tiling.multi_image_single_tile == (family == ONEVISION)
     a, b = _tensors(hf), _tensors(back)
     newline = next(k for k in a if k.endswith("image_newline"))  # spelling as transformers saves
     assert set(a) == set(b)
@@ -75,24 +77,38 @@ def test_verify_logits_match_transformers_at_tp1(ckpts, family):
     assert "argmax agree 100.0%" in checks[-1].detail
 
 
-def test_inputs_cover_three_aspect_ratios_and_a_text_only_sample(ckpts):
+def test_inputs_cover_three_aspect_ratios_a_text_only_sample_and_one_tile_images(ckpts):
     from mm_megatron.checkpoint import model_io
     from mm_megatron.convert.hf_config import load_hf_config
     from mm_megatron.convert.llava_next import anyres_verify_inputs
+    from mm_megatron.data.batch import ImageGeometry
 
     hf, mc, _ = ckpts[ONEVISION]
     cfg = model_io.read_run_config(mc).model
     batch = anyres_verify_inputs(load_hf_config(hf), cfg)
     ours = batch["ours"]
-    assert ours["num_images"].tolist() == [2, 0, 1]
+    assert ours["num_images"].tolist() == [2, 0, 1, 1]  # the wide image again, alone
+    assert batch["hf"]["batch_num_images"].tolist() == [2, 1, 1]
     ratios = {h / w for h, w in ours["image_sizes"].tolist()}
     assert len(ratios) == 3
-    assert len(set(ours["num_tiles"].tolist())) >= 2  # different grids
     from mm_megatron.model.image_tokens import ImageTokenCounter
 
-    arr = ImageTokenCounter.from_config(cfg).arrangement
-    shrunk = [arr.feature_hw(hw) != arr.unpadded_hw(hw) for hw in ours["image_sizes"].tolist()]
+    counter = ImageTokenCounter.from_config(cfg)
+    arr = counter.arrangement
+    sizes = [tuple(hw) for hw in ours["image_sizes"].tolist()]
+    grids = [arr.num_tiles(hw) for hw in sizes[2:]]
+    assert ours["num_tiles"].tolist() == [1, 1, *grids] and min(grids) > 1
+    assert ours["image_tokens"].tolist()[:2] == [counter(ImageGeometry(num_tiles=1))] * 2
+    shrunk = [arr.feature_hw(hw) != arr.unpadded_hw(hw) for hw in sizes[2:]]
     assert any(shrunk), "OneVision's anyres_max down-scaling should be exercised"
+    full = [tuple(n * arr.side for n in arr.grid(hw)) for hw in sizes[2:]]
+    assert any(arr.unpadded_hw(hw) != f for hw, f in zip(sizes[2:], full)), "unpadding"
+    next_hf, next_mc, _ = ckpts[NEXT]
+    next_cfg = model_io.read_run_config(next_mc).model
+    next_batch = anyres_verify_inputs(load_hf_config(next_hf), next_cfg)
+    assert "batch_num_images" not in next_batch["hf"]  # LLaVA-NeXT tiles every image
+    assert next_batch["ours"]["num_images"].tolist() == [2, 0, 1]
+    assert min(next_batch["ours"]["num_tiles"].tolist()) > 1
 
 
 def test_unsupported_settings_fail_in_one_line(tmp_path):
@@ -120,6 +136,12 @@ def test_export_without_an_original_writes_the_family_config(tmp_path):
     assert d["architectures"] == ["LlavaNextForConditionalGeneration"]
     assert d["image_grid_pinpoints"] == cfg.tiling.grid_pinpoints
     cfg.tiling.max_grid_patches = 9
+    with pytest.raises(UnsupportedModelError, match="max_grid_patches=9 with multi_image_single"):
+        hf_config_from_llava(cfg)  # HF has no OneVision that tiles every image
+    cfg.tiling.multi_image_single_tile = True
     d = hf_config_from_llava(cfg)
     assert d["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
     assert d["vision_aspect_ratio"] == "anyres_max_9"
+    cfg.tiling.max_grid_patches = 0
+    with pytest.raises(UnsupportedModelError, match="multi_image_single_tile=True: HF LLaVA-One"):
+        hf_config_from_llava(cfg)

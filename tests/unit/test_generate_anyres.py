@@ -1,6 +1,7 @@
 """Generation with tiled models: the image is tiled and laid out as in training, and the KV-cache
-decode equals the no-cache decode (anyres: unpadded, newline-separated embeddings; MiniCPM-V
-slices: separator text spliced into the prompt, one placeholder per slice)."""
+decode equals the no-cache decode (anyres: unpadded, newline-separated embeddings; OneVision's
+multi-image prompts: one padded tile per image; MiniCPM-V slices: separator text spliced into
+the prompt, one placeholder per slice)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,36 @@ def test_anyres_generation_tiles_the_image_and_caches_exactly(single_rank, info)
     assert cached.positions_computed == expanded + 5  # the prompt once, then one per token
     with pytest.raises(ValueError, match="must carry image_tokens"):
         gen.generate(pixels, prompt, max_new_tokens=1)
+
+
+def test_onevision_multi_image_prompt_gets_one_padded_tile_per_image(single_rank, info):
+    cfg = get_preset("debug-tiny-anyres")
+    cfg.tiling.max_grid_patches, cfg.tiling.multi_image_single_tile = 2, True  # OneVision
+    torch.manual_seed(0)
+    model = build_llava_model(cfg)
+    rng = np.random.default_rng(2)
+    wide, tall = (
+        Image.fromarray(rng.integers(0, 256, hw + (3,), dtype=np.uint8))
+        for hw in [(90, 150), (130, 60)]
+    )
+    transform = ImageTransform(cfg.vision.image_size, "resize", "clip")  # the tile still pads
+    pixels, extras = model_image_inputs(model, transform, [wide, tall])
+    one = model.count_image_tokens(ImageGeometry(num_tiles=1))
+    assert pixels.shape == (2, 3, 64, 64)
+    assert extras["num_tiles"].tolist() == [1, 1] and extras["image_tokens"].tolist() == [one] * 2
+    assert extras["image_sizes"].tolist() == [[90, 150], [130, 60]]
+    padded = ImageTransform(cfg.vision.image_size, "pad", "clip")
+    assert torch.equal(pixels, torch.stack([padded(wide), padded(tall)]))
+    alone, _ = model_image_inputs(model, transform, [wide])  # a single image keeps its grid
+    assert alone.shape[0] == model.arrangement.num_tiles((90, 150)) > 1
+    gen = Generator(model, info, "plain")
+    gen.stop = None
+    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
+    prompt = build_prompt(info, "plain", "compare", 2)
+    cached = gen.generate(pixels, prompt, max_new_tokens=3, image_inputs=extras)
+    plain = gen.generate(pixels, prompt, max_new_tokens=3, use_cache=False, image_inputs=extras)
+    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 3
+    assert cached.positions_computed == len(prompt) - 2 + 2 * one + 2
 
 
 def test_sliced_generation_splices_the_separators_into_the_prompt(single_rank, info):
