@@ -251,6 +251,10 @@ class TilingConfig:
     """``internvl_dynamic``: most grid tiles (HF ``max_patches``); 1 means one resized tile."""
     use_thumbnail: bool = True
     """``internvl_dynamic``: append the whole image as a last tile when the grid has several."""
+    image_markers: str = ""
+    """``internvl_dynamic``: the text put before and after each image's tokens, space-separated
+    (InternVL's ``<img> </img>``, which its checkpoints were trained with and transformers'
+    ``InternVLProcessor`` writes); empty: none."""
     grid_pinpoints: list[list[int]] = field(default_factory=list)
     """anyres: candidate (height, width) resolutions in pixels, multiples of
     ``vision.image_size`` (HF ``image_grid_pinpoints``)."""

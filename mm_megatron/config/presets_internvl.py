@@ -28,6 +28,8 @@ INTERNLM2_VOCAB = 92553
 """InternLM2's vocabulary."""
 INTERNLM2_IMG_CONTEXT = 92546
 """InternVL's ``<IMG_CONTEXT>`` token id in the InternLM2 tokenizer."""
+INTERNVL_MARKERS = "<img> </img>"
+"""Text InternVL puts before and after each image's tokens (``model.tiling.image_markers``)."""
 
 
 def internvit_300m_448() -> VisionConfig:
@@ -75,7 +77,9 @@ def internvl2_2b() -> LlavaConfig:
         vision=internvit_300m_448(),
         projector=ProjectorConfig(type="pixel_shuffle_mlp", pixel_shuffle_ratio=0.5),
         lm=internlm2(num_layers=24, hidden=2048, ffn=8192, heads=16, groups=8),
-        tiling=TilingConfig(type="internvl_dynamic", min_patches=1, max_patches=12),
+        tiling=TilingConfig(
+            type="internvl_dynamic", min_patches=1, max_patches=12, image_markers=INTERNVL_MARKERS
+        ),
         image_token_id=INTERNLM2_IMG_CONTEXT,
     )
 
@@ -87,7 +91,9 @@ def internvl25_8b() -> LlavaConfig:
         vision=internvit_300m_448(),
         projector=ProjectorConfig(type="pixel_shuffle_mlp", pixel_shuffle_ratio=0.5),
         lm=internlm2(num_layers=32, hidden=4096, ffn=14336, heads=32, groups=8),
-        tiling=TilingConfig(type="internvl_dynamic", min_patches=1, max_patches=12),
+        tiling=TilingConfig(
+            type="internvl_dynamic", min_patches=1, max_patches=12, image_markers=INTERNVL_MARKERS
+        ),
         image_token_id=INTERNLM2_IMG_CONTEXT,
     )
 
@@ -121,7 +127,9 @@ def debug_tiny_internvl() -> LlavaConfig:
         lm=dataclasses.replace(  # a Qwen2-style debug LM: qkv bias, RoPE base 1e6
             debug_lm(), flavor="qwen2", max_position_embeddings=1024, rope_theta=1e6, qkv_bias=True
         ),
-        tiling=TilingConfig(type="internvl_dynamic", min_patches=1, max_patches=4),
+        tiling=TilingConfig(
+            type="internvl_dynamic", min_patches=1, max_patches=4, image_markers=INTERNVL_MARKERS
+        ),
         image_token_id=4,
         freeze_vision=False,
         init_method_std=0.08,

@@ -28,6 +28,7 @@ from mm_megatron.config.model_config import (
     TilingConfig,
     VisionConfig,
 )
+from mm_megatron.config.presets_internvl import INTERNVL_MARKERS
 from mm_megatron.convert.hf_config import HF_FAMILIES, HFFamily, text_config_to_ours
 from mm_megatron.convert.mapping import PROJECTOR_RULES, VISION_RULES, _identity, _qkv
 from mm_megatron.convert.processor_families import internvl_processor
@@ -238,7 +239,7 @@ def internvl_config_from_hf(
             pixel_shuffle_ratio=float(hf_cfg.downsample_ratio),
         ),
         lm=lm,
-        tiling=TilingConfig(type="internvl_dynamic"),
+        tiling=TilingConfig(type="internvl_dynamic", image_markers=INTERNVL_MARKERS),
         image_token_id=int(hf_cfg.image_token_id),
     )
     cfg.set_spec(spec)

@@ -1,4 +1,4 @@
-"""Processors for the HF exports of tiled runs: LLaVA-NeXT, LLaVA-OneVision, and InternVL's refusal.
+"""Processors for the HF exports of tiled runs: LLaVA-NeXT, LLaVA-OneVision and InternVL.
 
 What this file does: the ``HFFamily.build_processor`` builders that ``processor_files.
 complete_export`` calls, through the family registry, for a run trained here whose config.json
@@ -10,23 +10,28 @@ transformers processor, built from the run's own pre-processing:
   padding and the run's ``data.image_norm`` mean/std: the tiles of ``data/tiling_anyres.py``;
 - ``onevision_processor``: ``LlavaOnevisionProcessor`` + ``LlavaOnevisionImageProcessorPil``, the
   same tiles, with ``vision_aspect_ratio = anyres_max_{tiling.max_grid_patches}``;
-- ``internvl_processor``: refuses (``ExportFilesError``, one line). transformers'
-  ``InternVLProcessor`` always writes ``<img>`` + ``<IMG_CONTEXT>`` x N + ``</img>`` for an image;
-  our pipeline lays an InternVL image out as the bare placeholder expanded to N tokens (no
-  markers: ``data/tiling_internvl.py``), so no InternVL processor reproduces the training input.
+- ``internvl_processor``: ``InternVLProcessor`` + ``GotOcr2ImageProcessorPil`` with the run's
+  min/max tiles, thumbnail, bicubic resizes and mean/std (the tiles of
+  ``data/tiling_internvl.py``), ``image_seq_length`` the model's tokens per tile, and the run's
+  tokenizer with InternVL's named tokens (``<img>``, ``</img>``, the run's placeholder as the
+  context token). transformers writes ``<img>`` + context x N + ``</img>`` for an image, so it
+  refuses (one line) a run not trained with ``model.tiling.image_markers = "<img> </img>"``, or
+  whose tokenizer splits a marker into several tokens (training tokenized the markers as the
+  tokenizer does; an added special token would change their ids).
 
 Both anyres builders check, before returning, that the processor's image-token count equals the
 model's ``ImageTokenCounter`` for images of several aspect ratios (the processor's
 ``patch_size``, ``vision_feature_select_strategy`` and ``num_additional_image_tokens`` /
 ``num_image_tokens`` must express it); a mismatch raises ``ExportFilesError`` naming the size.
 
-Note: ``LlavaOnevisionProcessor`` holds a video processor, which transformers builds only with
-``torchvision`` installed; without it the OneVision builder refuses with a one-line reason (so
-would ``AutoProcessor`` loading such an export). With ``torchvision`` installed, transformers
-loads image processors with its torchvision backend by default, whose anyres tiles differ from
-the training pixels (up to 0.24 after normalisation, measured in
-``tests/unit/test_convert_export_processor_tiled.py``); the saved PIL image processor, loaded
-with ``AutoImageProcessor.from_pretrained(export, backend="pil")``, reproduces them.
+Note: ``LlavaOnevisionProcessor`` and ``InternVLProcessor`` hold a video processor, which
+transformers builds only with ``torchvision`` installed; without it their builders refuse with a
+one-line reason (so would ``AutoProcessor`` loading such an export). With ``torchvision``
+installed, transformers loads image processors with its torchvision backend by default, whose
+tiles differ from the training pixels (up to 0.24 after normalisation for anyres, 0.09 for
+InternVL, measured in ``tests/unit/test_convert_export_processor_tiled.py``); the saved PIL
+image processor, loaded with ``AutoImageProcessor.from_pretrained(export, backend="pil")``,
+reproduces them.
 
 What it does not do: write files (``complete_export`` saves what these return), tokenizers'
 image token (``processor_files.run_tokenizer``), or the LLaVA-1.5 processor
@@ -39,6 +44,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from mm_megatron.config.presets_internvl import INTERNVL_MARKERS
 from mm_megatron.convert.processor_files import (
     ExportFilesError,
     run_chat_template,
@@ -122,12 +128,7 @@ def llava_next_processor(cfg: Any, job: dict, tokenizer_dir: Path) -> Any:
 
 def onevision_processor(cfg: Any, job: dict, tokenizer_dir: Path) -> Any:
     """The ``LlavaOnevisionProcessor`` of an anyres run with ``tiling.max_grid_patches`` set."""
-    if importlib.util.find_spec("torchvision") is None:
-        raise ExportFilesError(
-            "model.tiling.max_grid_patches is set (LLaVA-OneVision): transformers' "
-            "LlavaOnevisionProcessor, and AutoProcessor loading it, need torchvision for its "
-            "video processor; pip install torchvision, then export again"
-        )
+    _need_torchvision("LlavaOnevisionProcessor (model.tiling.max_grid_patches is set)")
     from transformers import (
         LlavaOnevisionImageProcessorPil,
         LlavaOnevisionProcessor,
@@ -154,10 +155,65 @@ def onevision_processor(cfg: Any, job: dict, tokenizer_dir: Path) -> Any:
 
 
 def internvl_processor(cfg: Any, job: dict, tokenizer_dir: Path) -> Any:
-    """Refuses: ``InternVLProcessor``'s text layout is not the one this run trained on."""
-    del cfg, job, tokenizer_dir
-    raise ExportFilesError(
-        "vision.style='internvit': transformers' InternVLProcessor wraps every image in "
-        "<img>...</img>, which this run's training input lacks (a bare placeholder expanded "
-        "to the image's tokens), so no HF processor reproduces it; export refused"
+    """The ``InternVLProcessor`` of an InternVL run trained with ``<img> </img>`` markers."""
+    markers = cfg.tiling.image_markers.split()
+    if markers != INTERNVL_MARKERS.split():
+        raise ExportFilesError(
+            f"model.tiling.image_markers={cfg.tiling.image_markers!r}: transformers' "
+            "InternVLProcessor puts every image between <img> and </img>, which this run's "
+            "training input does not; export refused"
+        )
+    _need_torchvision("InternVLProcessor")
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor, InternVLVideoProcessor
+
+    from mm_megatron.data.batch import ImageGeometry
+    from mm_megatron.data.image import NORMALIZATIONS
+    from mm_megatron.model.image_tokens import ImageTokenCounter
+
+    data = job.get("data") or {}
+    image_token = data.get("image_token") or "<image>"
+    plain = run_tokenizer(job, tokenizer_dir)
+    for text in markers:
+        ids = plain.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ExportFilesError(
+                f"the run's tokenizer ({tokenizer_dir}) splits {text!r} into {len(ids)} tokens; "
+                "InternVLProcessor needs it as one special token, as InternVL's tokenizers "
+                "have it: train with such a tokenizer to export an HF InternVL processor"
+            )
+    if not cfg.tiling.use_thumbnail:
+        raise ExportFilesError(
+            "model.tiling.use_thumbnail=false: transformers' InternVL image processor always "
+            "adds the thumbnail; export refused"
+        )
+    named = {
+        "start_image_token": markers[0],
+        "end_image_token": markers[1],
+        "context_image_token": image_token,
+        "video_token": "<video>",
+    }
+    s = cfg.vision.image_size
+    mean, std = NORMALIZATIONS[data.get("image_norm", "clip")]
+    common = {"size": {"height": s, "width": s}, "image_mean": list(mean), "image_std": list(std)}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil(
+            crop_to_patches=True,
+            min_patches=cfg.tiling.min_patches,
+            max_patches=cfg.tiling.max_patches,
+            resample=3,  # PIL bicubic, as data/tiling_internvl.py
+            **common,
+        ),
+        tokenizer=run_tokenizer(job, tokenizer_dir, extra_special_tokens=named),
+        video_processor=InternVLVideoProcessor(**common),
+        image_seq_length=ImageTokenCounter.from_config(cfg)(ImageGeometry(num_tiles=1)),
+        chat_template=run_chat_template(job),
     )
+
+
+def _need_torchvision(what: str) -> None:
+    """ExportFilesError (one line) unless torchvision, which ``what`` needs, is installed."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise ExportFilesError(
+            f"transformers' {what}, and AutoProcessor loading it, need torchvision for its "
+            "video processor; pip install torchvision, then export again"
+        )

@@ -124,12 +124,18 @@ def chat_template_jinja(name: str, system_prompt: str | None = None) -> str | No
     )  # fmt: skip
 
 
-def run_tokenizer(job: dict, tokenizer_dir: Path) -> Any:
-    """The run's tokenizer, with its image placeholder (`data.image_token`) as one token."""
+def run_tokenizer(job: dict, tokenizer_dir: Path, **kwargs: Any) -> Any:
+    """The run's tokenizer, with its image placeholder (`data.image_token`) as one token.
+
+    Args:
+        job: The run's job config.
+        tokenizer_dir: Where the run's tokenizer is.
+        **kwargs: More `AutoTokenizer.from_pretrained` options (e.g. named special tokens).
+    """
     from transformers import AutoTokenizer
 
     image_token = (job.get("data") or {}).get("image_token") or "<image>"
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, **kwargs)
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
     return tokenizer

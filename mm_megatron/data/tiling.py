@@ -10,7 +10,8 @@ tiler maps one RGB pillow image to a `TiledImage`. Tilers run in DataLoader work
 be picklable (a frozen dataclass with `__call__`, not a closure). Every tile of a batch has the
 transform's size: `collate_rows` stacks them. Schemes that cut images into grids (anyres,
 dynamic tiles, slices) live in their own modules and register here by import. A scheme that
-puts separator tokens between its tiles returns a text `layout`; `PlaceholderImages` collects a
+puts separator tokens between its tiles returns a text `layout`, one that puts text around an
+image's tokens a `wrap`; `PlaceholderImages` collects a
 sample's tiled images per placeholder and splices the layouts into its token ids, for training
 and generation alike.
 
@@ -55,6 +56,10 @@ class TiledImage:
     tiles (MiniCPM-V's slices): each string is tokenized into the prompt (no loss), each None is
     one tile's own placeholder (one per tile, in tile order), counted as a one-tile image. None:
     the image keeps its one placeholder for all its tiles."""
+
+    wrap: tuple[str, str] | None = None
+    """Text put before and after the image's one placeholder, which keeps all its tiles
+    (InternVL's ``<img>`` ... ``</img>``); tokenized into the prompt with no loss. None: none."""
 
 
 Tiler = Callable[[Image.Image], TiledImage]
@@ -181,7 +186,10 @@ class PlaceholderImages:
             self.num_tiles.append(n)
             self.image_tokens.append(count(tiled.geometry))
             self.image_sizes.append([img.height, img.width])
-            self.layouts.append(None)
+            wrap = tiled.wrap
+            self.layouts.append(
+                None if wrap is None else layout_token_ids((wrap[0], None, wrap[1]), tokenizer_info)
+            )
         else:  # separator tokens between the tiles: one placeholder per tile
             self.num_tiles += [1] * n
             self.image_tokens += [count(ImageGeometry(num_tiles=1))] * n

@@ -17,9 +17,13 @@ the last bits; the PIL one resizes the uint8 image as this pipeline does and is 
 The tile count travels in the sample's ``ImageGeometry(num_tiles=...)``; the model encodes every
 tile alike and the token count is ``num_tiles x`` the projector's tokens per tile.
 
+With ``model.tiling.image_markers`` (``<img> </img>`` in the InternVL presets and in checkpoints
+converted from transformers), each image's placeholder is put between the two texts
+(``TiledImage.wrap``), as InternVL's training data and ``InternVLProcessor`` have it:
+``<img>`` + one placeholder expanding into all the image's tokens + ``</img>``.
+
 What it does not do: normalise (``collate_rows`` does, with the data config's ``image_norm``;
-InternVL checkpoints want ``imagenet``) or add InternVL's ``<img>``/``</img>`` text markers (a
-chat-template matter).
+InternVL checkpoints want ``imagenet``).
 """
 
 from __future__ import annotations
@@ -84,12 +88,14 @@ class DynamicTiler:
     """Most grid tiles."""
     use_thumbnail: bool
     """Append the whole image as one more tile when the grid has several."""
+    wrap: tuple[str, str] | None = None
+    """Text before and after each image's placeholder (``model.tiling.image_markers``)."""
 
     def __call__(self, img: Image.Image) -> TiledImage:
         s = self.size
         if self.max_patches <= 1:  # HF: crop_to_patches needs max_patches > 1
             tile = np.asarray(img.resize((s, s), Image.Resampling.BICUBIC))  # [S, S, 3]
-            return TiledImage(tiles=tile[None], geometry=ImageGeometry(num_tiles=1))
+            return TiledImage(tiles=tile[None], geometry=ImageGeometry(1), wrap=self.wrap)
         cols, rows = choose_grid(img.width, img.height, s, self.min_patches, self.max_patches)
         canvas = np.asarray(img.resize((cols * s, rows * s), Image.Resampling.BICUBIC))
         grid = canvas.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4)  # [r, c, S, S, 3]
@@ -98,7 +104,8 @@ class DynamicTiler:
             thumb = np.asarray(img.resize((s, s), Image.Resampling.BICUBIC))
             tiles = np.concatenate([tiles, thumb[None]])
         tiles = np.ascontiguousarray(tiles)
-        return TiledImage(tiles=tiles, geometry=ImageGeometry(num_tiles=tiles.shape[0]))
+        geometry = ImageGeometry(num_tiles=tiles.shape[0])
+        return TiledImage(tiles=tiles, geometry=geometry, wrap=self.wrap)
 
 
 @register_tiler("internvl_dynamic")
@@ -109,9 +116,16 @@ def internvl_dynamic(tiling: TilingConfig, transform: ImageTransform) -> Tiler:
             f"model.tiling: need 1 <= min_patches <= max_patches, got min_patches="
             f"{tiling.min_patches}, max_patches={tiling.max_patches}"
         )
+    markers = tiling.image_markers.split()
+    if len(markers) not in (0, 2):
+        raise ValueError(
+            f"model.tiling.image_markers={tiling.image_markers!r}: expected two space-separated "
+            "texts (before and after each image, e.g. '<img> </img>') or nothing"
+        )
     return DynamicTiler(
         size=transform.size,
         min_patches=tiling.min_patches,
         max_patches=tiling.max_patches,
         use_thumbnail=tiling.use_thumbnail,
+        wrap=(markers[0], markers[1]) if markers else None,
     )

@@ -5,8 +5,11 @@ for anyres runs whose config.json is LLaVA-NeXT / OneVision (AutoProcessor then 
 counted 16 tokens an image), and for InternVL runs. Now the processor comes from the config.json's
 HF family: an anyres run's export loads as LlavaNextProcessor (LlavaOnevisionProcessor with
 `tiling.max_grid_patches`), whose pixels and token ids equal our SampleProcessor's for images of
-three aspect ratios, and transformers' model on them gives our model's logits. Families whose
-processor cannot reproduce the training input refuse with one line, before any weight is written.
+three aspect ratios, and transformers' model on them gives our model's logits; an InternVL run
+trained with `<img> </img>` markers and a tokenizer holding them exports as InternVLProcessor,
+checked the same way. Runs whose processor cannot reproduce the training input refuse with one
+line, before any weight is written. The OneVision and InternVL processors need torchvision (their
+video processors): without it those two checks skip and the refusal is tested instead.
 """
 
 from __future__ import annotations
@@ -68,13 +71,13 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _ours(job, root, img: Image.Image):
+def _ours(job, root, img: Image.Image, tokenizer=None):
     """Our training pipeline on one sample: (ids expanded, batch for our model)."""
     from mm_megatron.data.samples import SampleProcessor
     from mm_megatron.data.tokenizer import prepare_tokenizer
     from mm_megatron.model.image_tokens import ImageTokenCounter
 
-    info = prepare_tokenizer(str(root / "run" / "synthetic-data" / "tokenizer"))
+    info = prepare_tokenizer(str(tokenizer or root / "run" / "synthetic-data" / "tokenizer"))
     sp = SampleProcessor.from_config(
         job.data, info, ImageTokenCounter.from_config(job.model), tiling=job.model.tiling
     )
@@ -112,8 +115,14 @@ def _our_model(ckpt):
     return model
 
 
-def _check_export(root, job, processor_class: str, model_class: str) -> dict:
-    """Export, load with AutoProcessor + the family class, compare with our pipeline and model."""
+def _check_export(
+    root, job, processor_class: str, model_class: str, flat: bool = False, tokenizer=None
+) -> dict:
+    """Export, load with AutoProcessor + the family class, compare with our pipeline and model.
+
+    `flat`: the processor returns every tile of the batch in one ``[tiles, 3, S, S]`` (InternVL)
+    rather than ``[images, tiles, 3, S, S]``. `tokenizer`: the run's, if not the generated one.
+    """
     import transformers
     from transformers import AutoImageProcessor, AutoProcessor
 
@@ -145,12 +154,13 @@ def _check_export(root, job, processor_class: str, model_class: str) -> dict:
         for i, (h, w) in enumerate(SIZES):
             img = _image(h, w, seed=i)
             inputs = processor(text=text, images=img, return_tensors="pt")
-            want_ids, batch = _ours(job, root, img)
+            want_ids, batch = _ours(job, root, img, tokenizer)
             # same tiles (count and pixels) and the same token ids, image tokens included
-            theirs = inputs["pixel_values"][0]
+            theirs = inputs["pixel_values"] if flat else inputs["pixel_values"][0]
             assert theirs.shape == batch["images"].shape, (h, w)
             pixel_diff = max(pixel_diff, (theirs - batch["images"]).abs().max().item())
-            default = default_backend(images=img, return_tensors="pt")["pixel_values"][0]
+            default = default_backend(images=img, return_tensors="pt")["pixel_values"]
+            default = default if flat else default[0]
             default_diff = max(default_diff, (default - batch["images"]).abs().max().item())
             assert inputs["input_ids"][0].tolist() == want_ids.tolist(), (h, w)
             n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -193,20 +203,82 @@ def test_onevision_export_without_torchvision_refuses(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_internvl_export_refuses_before_writing_weights(tmp_path, monkeypatch):
+def test_internvl_export_without_markers_refuses_before_writing_weights(tmp_path, monkeypatch):
     from mm_megatron.convert import mcore_to_hf as mcore_to_hf_mod
 
-    _train_from_scratch(tmp_path, "debug-tiny-internvl")
+    _train_from_scratch(tmp_path, "debug-tiny-internvl", tiling={"image_markers": ""})
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights written before the refusal")
 
     monkeypatch.setattr(mcore_to_hf_mod, "export_tensors", no_weights)
-    with pytest.raises(ExportFilesError, match=r"internvit.*<img>") as e:
+    with pytest.raises(ExportFilesError, match=r"image_markers=''.*<img>") as e:
         mcore_to_hf(tmp_path / "ck", tmp_path / "hf", progress=False, log=lambda *a: None)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "hf").exists()
     assert not list(tmp_path.glob(".hf.tmp-*"))  # nothing left behind
+
+
+def _internvl_run_with_marker_tokens(root):
+    """A 1-step debug-tiny-internvl run whose tokenizer has <img> and </img> as single tokens,
+    as InternVL's tokenizers do (added to the generated tokenizer before training)."""
+    from transformers import AutoTokenizer
+
+    from mm_megatron.data.synthetic import write_synthetic_dataset
+
+    cfg = get_preset("debug-tiny-internvl")
+    data = root / "data"
+    write_synthetic_dataset(
+        str(data), n_train=8, n_val=4, image_size=cfg.vision.image_size, vocab_size=400
+    )
+    tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    tok.add_special_tokens({"additional_special_tokens": ["<img>", "</img>"]})
+    tok.save_pretrained(str(data / "tokenizer"))
+    train = {
+        "run_dir": str(root / "run"),
+        "save": str(root / "ck"),
+        "micro_batch_size": 2,
+        "global_batch_size": 2,
+        "train_iters": 1,
+        "lr_warmup_iters": 0,
+        "eval_iters": 0,
+        "caption_eval": False,
+        "num_threads": 1,
+    }
+    overrides = {
+        "data": {"train_shards": str(data), "template": "vicuna_v1", "num_workers": 0},
+        "train": train,
+    }
+    job = load_job_config("debug-tiny-internvl", overrides=overrides)
+    assert trainer_mod.train(job).exit_reason == "done"
+    return job, data / "tokenizer"
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="InternVLProcessor needs torchvision")
+def test_internvl_export_loads_as_internvl_and_reproduces_training(tmp_path):
+    job, tokenizer = _internvl_run_with_marker_tokens(tmp_path)
+    got = _check_export(
+        tmp_path,
+        job,
+        "InternVLProcessor",
+        "InternVLForConditionalGeneration",
+        flat=True,
+        tokenizer=tokenizer,
+    )
+    print(f"internvl max|diff|: {got}")
+
+
+def test_internvl_export_refuses_a_tokenizer_that_splits_the_markers(tmp_path):
+    from mm_megatron.convert.processor_families import internvl_processor
+    from mm_megatron.data.tokenizer import train_tiny_tokenizer
+
+    if not HAS_TORCHVISION:  # the torchvision refusal comes first: that one line instead
+        with pytest.raises(ExportFilesError, match="InternVLProcessor.*torchvision"):
+            internvl_processor(get_preset("debug-tiny-internvl"), {}, tmp_path)
+        return
+    train_tiny_tokenizer(["a picture of <image> here"] * 4, str(tmp_path), vocab_size=300)
+    with pytest.raises(ExportFilesError, match=r"splits '<img>' into \d+ tokens"):
+        internvl_processor(get_preset("debug-tiny-internvl"), {}, tmp_path)
 
 
 @pytest.mark.parametrize("preset", ["debug-tiny-resampler", "debug-tiny-qformer"])

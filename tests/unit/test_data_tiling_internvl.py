@@ -13,7 +13,7 @@ from PIL import Image
 
 from mm_megatron.config.model_config import TilingConfig
 from mm_megatron.data.image import ImageTransform
-from mm_megatron.data.tiling import build_tiler
+from mm_megatron.data.tiling import PlaceholderImages, build_tiler
 from mm_megatron.data.tiling_internvl import candidate_grids, choose_grid
 
 SIZE = 28
@@ -83,3 +83,40 @@ def test_bad_tile_counts_name_the_field():
             TilingConfig(type="internvl_dynamic", min_patches=5, max_patches=4),
             ImageTransform(SIZE),
         )
+    with pytest.raises(ValueError, match=r"image_markers='<img>': expected two"):
+        build_tiler(
+            TilingConfig(type="internvl_dynamic", image_markers="<img>"), ImageTransform(SIZE)
+        )
+
+
+def test_images_are_wrapped_in_markers_as_internvl_writes_them(tmp_path):
+    """With `<img> </img>` markers (the presets and converted checkpoints), an image's ids are
+    `<img>` + its placeholder + `</img>`, no loss on the markers; expanded, they are exactly what
+    InternVL's format (`<img>` + `<IMG_CONTEXT>` x tokens + `</img>`) tokenizes to."""
+    from mm_megatron.config import get_preset
+    from mm_megatron.data.batch import IGNORE_INDEX
+    from mm_megatron.data.synthetic import write_synthetic_dataset
+    from mm_megatron.data.tokenizer import load_tokenizer, prepare_tokenizer
+    from mm_megatron.model.image_tokens import ImageTokenCounter
+
+    cfg = get_preset("debug-tiny-internvl")
+    assert cfg.tiling.image_markers == "<img> </img>"
+    write_synthetic_dataset(str(tmp_path), n_train=2, n_val=2, image_size=32, vocab_size=512)
+    tok = load_tokenizer(str(tmp_path / "tokenizer"))
+    tok.add_special_tokens({"additional_special_tokens": ["<img>", "</img>", "<IMG_CONTEXT>"]})
+    info = prepare_tokenizer(tok, "<IMG_CONTEXT>")
+    tiler = build_tiler(cfg.tiling, ImageTransform(cfg.vision.image_size))
+    count = ImageTokenCounter.from_config(cfg)
+    images = PlaceholderImages()
+    for w, h in ((90, 40), (30, 30)):
+        images.add(_image(w, h, 0), tiler(_image(w, h, 0)), count, info)
+    prompt = tok.encode("Look: <IMG_CONTEXT> and <IMG_CONTEXT> now", add_special_tokens=False)
+    p = info.image_token_id
+    ids, labels = images.splice(prompt, [IGNORE_INDEX] * (len(prompt) - 1) + [7], p)
+    assert ids.count(p) == 2 and labels[-1] == 7 and labels.count(IGNORE_INDEX) == len(ids) - 1
+    counts = iter(images.image_tokens)
+    assert images.num_tiles == [3, 1]  # a 2 x 1 grid and its thumbnail; one tile
+    expanded = [t for t in ids for _ in range(next(counts) if t == p else 1)]
+    context = ["<IMG_CONTEXT>" * n for n in images.image_tokens]
+    text = "Look: <img>{}</img> and <img>{}</img> now".format(*context)
+    assert expanded == tok.encode(text, add_special_tokens=False)
