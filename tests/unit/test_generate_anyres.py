@@ -109,3 +109,30 @@ def test_sliced_generation_splices_the_separators_into_the_prompt(single_rank, i
     assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 4
     spliced = len(prompt) - 1 + len(layout)  # the image's placeholder became its layout
     assert cached.positions_computed == spliced - tiles + tiles * per_tile + 3
+
+
+def test_internvl_generation_wraps_each_image_in_its_markers(single_rank, info):
+    """An InternVL prompt is laid out as in training: `<img>` + the image's one placeholder (all
+    its tiles) + `</img>`; the KV-cache decode equals the recompute one."""
+    from mm_megatron.data.tiling import layout_token_ids
+
+    cfg = get_preset("debug-tiny-internvl")
+    torch.manual_seed(0)
+    model = build_llava_model(cfg)
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (40, 90, 3), dtype=np.uint8))  # a 2 x 1 grid
+    transform = ImageTransform(cfg.vision.image_size, "resize", "imagenet")
+    pixels, extras = model_image_inputs(model, transform, [img], info)
+    assert pixels.shape[0] == 3 and extras["num_tiles"].tolist() == [3]  # grid + thumbnail
+    (layout,) = extras["layouts"]
+    p = info.image_token_id
+    assert layout == layout_token_ids(("<img>", None, "</img>"), info) and layout.count(p) == 1
+    gen = Generator(model, info, "plain")
+    gen.stop = None
+    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
+    prompt = build_prompt(info, "plain", "describe", 1)
+    cached = gen.generate(pixels, prompt, max_new_tokens=4, image_inputs=extras)
+    plain = gen.generate(pixels, prompt, max_new_tokens=4, use_cache=False, image_inputs=extras)
+    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 4
+    tokens = int(extras["image_tokens"][0])
+    assert cached.positions_computed == len(prompt) - 1 + len(layout) - 1 + tokens + 3
