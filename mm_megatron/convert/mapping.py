@@ -237,7 +237,8 @@ def _projector_rules(cfg: LlavaConfig, add) -> None:
 
 
 VISION_RULES: dict[str, Callable] = {}
-"""``vision.style`` -> rule builder ``(cfg, add)`` of encoders other than CLIP/SigLIP."""
+"""``vision.style`` -> rule builder ``(cfg, add)`` of encoders other than CLIP/SigLIP
+(``internvit``: ``convert/internvl.py``; ``blip2``: ``convert/blip2_vision.py``)."""
 PROJECTOR_RULES: dict[str, Callable] = {}
 """``projector.type`` -> rule builder ``(cfg, add)`` of projectors other than ``mlp2x_gelu``."""
 
@@ -270,4 +271,4 @@ def groups_in_order(rules: list[Rule]) -> list[str]:
 
 
 # Families with their own encoder/projector rules register them on import.
-from mm_megatron.convert import internvl  # noqa: E402, F401
+from mm_megatron.convert import blip2_vision, internvl  # noqa: E402, F401
