@@ -50,9 +50,15 @@ def blip2_config():
     return cfg
 
 
-def _reference(rank, world_size, cfg, batches):
+def _reference(cfg, batches):
+    """(full weights, the one-rank step), in this process (no world to spawn)."""
+    from mm_megatron.runtime import distributed
+
     weights = full_weights(cfg)
-    return weights, run_layouts(rank, world_size, [({}, False, False)], cfg, weights, batches)[0]
+    try:
+        return weights, run_layouts(0, 1, [({}, False, False)], cfg, weights, batches)[0]
+    finally:
+        distributed.destroy()
 
 
 def _assembled_outputs(ckpt, images, layouts):
@@ -94,7 +100,7 @@ def test_blip2_tower_at_tp2_and_in_every_layout(tmp_path, capsys):
 
     cfg = blip2_config()
     batches = make_batches(cfg)
-    weights, ref = run_distributed(_reference, 1, cfg, {False: batches})[0]
+    weights, ref = _reference(cfg, {False: batches})
     results = run_distributed(_worker, 2, ckpt, images, cfg, weights, batches, timeout=1000)
 
     for rank, (converted, _) in enumerate(results):
@@ -108,6 +114,15 @@ def test_blip2_tower_at_tp2_and_in_every_layout(tmp_path, capsys):
     heads = cfg.vision.num_attention_heads
     for layout, got in zip(CASES, results[0][1]):
         assert_parity(ref, got, what=str(layout))
+        worst = max(
+            float((got[kind][k] - r).norm() / r.norm().clamp_min(1e-12))
+            for kind in ("grads", "params")
+            for k, r in ref[kind].items()
+        )
+        with capsys.disabled():
+            print(
+                f"{layout}: loss {got['loss']:.8f} (one rank {ref['loss']:.8f}), worst {worst:.1e}"
+            )
         for i in range(cfg.vision.num_layers_built):
             name = f"vision_model.decoder.layers.{i}.self_attention.linear_qkv.bias"
             grad = got["grads"][name].view(heads, 3, -1)

@@ -231,6 +231,12 @@ def test_bad_blip2_input_is_one_line(parts, tmp_path, capsys):
         str(broken),
     )
     assert not out.exists()
+    # an mlp2x_gelu model on a BLIP-2 tower read before its last layer (no post-LN): HF LLaVA
+    # has no such tower, so the LLaVA export refuses in one line (the parts export works)
+    assert main(_asm(dirs["vision"], dirs["lm"], out, "--vision-feature-layer", "-2")) == 0
+    back = ["convert", "mcore-to-hf", "--ckpt", str(out), "--quiet", "--out"]
+    _fails([*back, str(tmp_path / "llava")], capsys, "vision.style='blip2' has no HF LLaVA")
+    assert main([*back, str(tmp_path / "parts"), "--parts"]) == 0
 
 
 def test_style_table_drives_encoder_and_activation(single_rank):
