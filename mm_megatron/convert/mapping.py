@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.config.vit_styles import vit_style
 
 Tensors = list[torch.Tensor]
 
@@ -193,11 +194,12 @@ def _vision_rules(cfg: LlavaConfig, add) -> None:
         add(V + "class_token", cls, [(hv,)], _class_token(hv), g)
     patch = (hv, v.num_channels, v.patch_size, v.patch_size)
     add(V + "conv1.weight", [T + "embeddings.patch_embedding.weight"], [patch], _identity(), g)
-    if v.style == "siglip":
+    style = vit_style(v.style)
+    if style.conv_bias:
         add(V + "conv1.bias", [T + "embeddings.patch_embedding.bias"], [(hv,)], _identity(), g)
     pos = [T + "embeddings.position_embedding.weight"]
     add(V + "position_embeddings.weight", pos, [(v.num_positions, hv)], _identity(), g)
-    if v.style == "clip":
+    if style.pre_layernorm:
         for w in ("weight", "bias"):
             add(V + f"pre_layernorm.{w}", [T + f"pre_layrnorm.{w}"], [(hv,)], _identity(), g)
     for i in range(v.num_layers_built):
