@@ -11,13 +11,14 @@ style      class token  conv bias  pre-LN  post-LN default  key bias    activati
 clip       yes          no         yes     no               yes         quick_gelu
 siglip     no           yes        no      yes              yes         gelu_pytorch_tanh
 internvit  yes          yes        no      no               yes         gelu
-blip2      yes          yes        no      yes              no (zero)   gelu
+blip2      yes          yes        no      yes              no (held)   gelu
 =========  ===========  =========  ======  ===============  ==========  =================
 
 ``blip2`` is transformers' ``Blip2VisionModel`` / ``InstructBlipVisionModel`` (EVA ViT-g as
 BLIP-2 ships it): its fused ``qkv`` has query and value biases only; the key third of our fused
-QKV bias is held at zero (a key bias adds ``q . b`` to every logit of a query's row, which
-softmax ignores, so it has no effect and no gradient).
+QKV bias is held at its loaded value, zero (a key bias adds ``q . b`` to every logit of a
+query's row, which softmax ignores: it has no effect, and its computed gradient is rounding noise
+that the encoder masks).
 
 This module is data only: it builds nothing and imports nothing from ``model/``.
 """

@@ -69,23 +69,26 @@ def build_vision_encoder(
 
 
 def hold_key_bias(qkv_bias: torch.Tensor, num_heads: int) -> None:
-    """Mask the key thirds of a megatron fused QKV bias out of its gradient (in place, a hook).
+    """Mask the key thirds of a megatron fused QKV bias out of its gradient (a tensor hook).
 
     Megatron's ``linear_qkv`` bias is grouped per head, ``[q_h, k_h, v_h]`` (MHA); a TP rank
-    holds ``num_heads`` whole heads. With the gradient masked, every optimizer (Adam's update
-    of a zero gradient is zero) leaves the key bias at the value it was loaded with.
+    holds ``num_heads`` whole heads. The true gradient of a key bias is zero; backward returns
+    rounding noise (~1e-10 here, next to ~1e-3 for the query/value biases), which Adam would
+    turn into a full-size step. Masked, it stays at its loaded value under Adam or SGD (megatron
+    applies no weight decay to biases).
 
     Args:
         qkv_bias: one layer's (local) ``linear_qkv.bias`` ``[num_heads * 3 * d]``.
         num_heads: heads on this rank.
     """
-    if not qkv_bias.requires_grad:
-        return
-    d = qkv_bias.shape[0] // (3 * num_heads)
-    keep = torch.ones(num_heads, 3, d, dtype=qkv_bias.dtype, device=qkv_bias.device)
-    keep[:, 1] = 0  # [heads, (q, k, v), d]
-    keep = keep.flatten()
-    qkv_bias.register_hook(lambda g: g * keep)
+
+    def mask(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone().view(num_heads, 3, -1)  # [heads, (q, k, v), d]
+        grad[:, 1] = 0
+        return grad.view(-1)
+
+    if qkv_bias.requires_grad:
+        qkv_bias.register_hook(mask)
 
 
 @register_vision_encoder("clip", "siglip", "blip2")
