@@ -7,8 +7,8 @@ The library is ``mm_megatron.convert``; this file only parses arguments. Example
     mm-megatron convert verify --hf llava-1.5-7b-hf --ckpt ckpt/llava7b --tp 2 --pp 2
     mm-megatron convert assemble --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
         --out ckpt/llava7b-init --preset llava-1.5-7b --dtype bf16
-    mm-megatron convert assemble --vision CLIP-ViT-g-14-laion2B-s12B-b42K --lm vicuna-7b-v1.5 \
-        --qformer-from instructblip-vicuna-7b --out ckpt/qformer-init
+    mm-megatron convert assemble --vision blip2-opt-2.7b --qformer-from blip2-opt-2.7b \
+        --lm vicuna-7b-v1.5 --preset minigpt4 --out ckpt/minigpt4-init
     mm-megatron convert verify-parts --vision clip-vit-large-patch14-336 --lm vicuna-7b-v1.5 \
         --ckpt ckpt/llava7b-init --tp 2 --pp 2
     mm-megatron convert mcore-to-hf --ckpt runs/stage2/checkpoints --out parts --parts
@@ -129,7 +129,8 @@ def _register_assemble(csub) -> None:
         "assemble",
         help="HF vision tower + HF causal LM + fresh projector -> mm_megatron LLaVA checkpoint",
         description="Assemble a LLaVA checkpoint for stage-1 pretraining from an HF vision "
-        "tower (CLIPVisionModel, CLIPModel, SiglipVisionModel, SiglipModel) and an HF causal LM "
+        "tower (CLIPVisionModel, CLIPModel, SiglipVisionModel, SiglipModel, Blip2VisionModel, or "
+        "a BLIP-2/InstructBLIP model's vision half) and an HF causal LM "
         "(Llama, Mistral, Qwen2) with its tokenizer; the projector is freshly initialised.",
         epilog=_EPILOG,
     )
@@ -147,7 +148,8 @@ def _register_assemble(csub) -> None:
         default=None,
         metavar="N[,N...]",
         help="HF vision_feature_layer: one layer, or several whose features are concatenated "
-        "(--vision-feature-layer=-2,-5); default -2 for CLIP, -1 for SigLIP, or the preset's",
+        "(--vision-feature-layer=-2,-5); default -2 for CLIP, -1 for SigLIP and BLIP-2, or the "
+        "preset's",
     )
     a.add_argument("--image-token", default="<image>", help="image placeholder (default <image>)")
     a.add_argument("--spec", choices=["local", "te"], default="local", help="spec recorded")

@@ -16,6 +16,7 @@ from mm_megatron.config.fields import from_dict
 from mm_megatron.config.hires_config import HighResConfig
 from mm_megatron.config.qformer_config import QFormerConfig
 from mm_megatron.config.resampler_config import ResamplerConfig
+from mm_megatron.config.vit_styles import vit_style
 
 SPECS = ("local", "te")
 
@@ -29,8 +30,10 @@ class VisionConfig:
 
     style: str = "clip"
     """A registered encoder style (``mm_megatron.model.vision.VISION_ENCODERS``): ``clip``
-    (class token, patch conv w/o bias, pre-LN, quick_gelu) or ``siglip`` (no class token, conv
-    bias, gelu-tanh, post-LN), or one an architecture module adds."""
+    (class token, patch conv w/o bias, pre-LN, quick_gelu), ``siglip`` (no class token, conv
+    bias, gelu-tanh, post-LN), ``blip2`` (BLIP-2's EVA ViT-g: class token, conv bias, no pre-LN,
+    post-LN, exact GELU, no key bias), or one an architecture module adds; the choices are the
+    table in ``mm_megatron.config.vit_styles``."""
     image_size: int = 336
     """Square input resolution in pixels."""
     patch_size: int = 14
@@ -55,15 +58,16 @@ class VisionConfig:
     drop_class_token: bool = True
     """Drop the class token from the features (HF ``vision_feature_select_strategy="default"``)."""
     post_layernorm: bool | None = None
-    """Apply the final LayerNorm to the features; None means the style default (SigLIP: yes,
-    CLIP: no). HF LLaVA reads hidden states before it, so converters set False."""
+    """Apply the final LayerNorm to the features; None means the style default (SigLIP and
+    BLIP-2: yes, CLIP: no). HF LLaVA reads hidden states before it, so its converters set False;
+    BLIP-2 feeds the Q-Former ``last_hidden_state``, which has it."""
     spec: str = "local"
     """``local`` (PyTorch + our SDPA attention) or ``te`` (Transformer Engine)."""
     norm: str = "LayerNorm"
     """Norm of the encoder layers: ``LayerNorm`` or ``RMSNorm`` (InternViT-6B)."""
     activation: str | None = None
     """MLP activation, an HF ``hidden_act`` name; None: the style's own (CLIP quick_gelu,
-    SigLIP gelu_pytorch_tanh)."""
+    SigLIP gelu_pytorch_tanh, InternViT and BLIP-2 gelu)."""
     qkv_bias: bool = True
     """Bias on the QKV projection (HF InternViT ``attention_bias``)."""
     qk_norm: bool = False
@@ -88,8 +92,8 @@ class VisionConfig:
 
     @property
     def has_class_token(self) -> bool:
-        """CLIP and InternViT prepend a learned class token; SigLIP does not."""
-        return self.vit_style != "siglip"
+        """CLIP, InternViT and BLIP-2 prepend a learned class token; SigLIP does not."""
+        return vit_style(self.vit_style).class_token
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -131,7 +135,7 @@ class VisionConfig:
     def apply_post_layernorm(self) -> bool:
         """Whether the final LayerNorm runs."""
         if self.post_layernorm is None:
-            return self.vit_style == "siglip"
+            return vit_style(self.vit_style).post_layernorm
         return self.post_layernorm
 
     def validate(self) -> None:

@@ -1,20 +1,21 @@
 """Presets with the BLIP-2 / MiniGPT-4 Q-Former connector (``projector.type: qformer``).
 
-* ``minigpt4``: MiniGPT-4-like: a ViT-g/14 at 224 px of EVA/CLIP shape (width 1408, 40 layers
-  published, the last one dropped as BLIP-2 does, post-LayerNorm applied, class token kept:
-  257 features), BLIP-2's Q-Former (32 queries, BERT-base width, 12 layers, cross-attention every
-  second layer) and Vicuna-7B. Each image is 32 LM embeddings.
-* ``debug-tiny-qformer``: ``debug-tiny`` with a 2-layer Q-Former of 8 queries (layer 0 cross-
-  attends, layer 1 does not); runs on CPU in seconds.
-
-What our ``VisionConfig`` expresses of EVA ViT-g: its shape (widths, layers, heads, patch,
-resolution, eps 1e-6), the feature layer, the class token and the post-LayerNorm. What it does
-not: EVA has no pre-LayerNorm, a patch conv with bias, no key bias, and exact GELU, while the
-``clip`` style has a pre-LayerNorm, no conv bias and quick_gelu; so BLIP-2's own vision weights do
-not load into it (the Q-Former's do: ``convert assemble --qformer-from``).
+* ``minigpt4``: MiniGPT-4: BLIP-2's vision side, i.e. its EVA ViT-g/14 at 224 px
+  (``vision.style="blip2"``: transformers' ``Blip2VisionModel``; width 1408, the 39 of EVA's 40
+  layers that BLIP-2 ships, all read, post-LayerNorm applied, class token kept: 257 features)
+  and its Q-Former (32 queries, BERT-base width, 12 layers, cross-attention every second
+  layer), then a new linear layer into Vicuna-7B. Each image is 32 LM embeddings.
+  ``convert assemble --vision BLIP2_DIR --qformer-from BLIP2_DIR --lm VICUNA --preset minigpt4``
+  loads both BLIP-2 parts (:mod:`mm_megatron.convert.blip2_vision`,
+  :mod:`mm_megatron.convert.qformer`).
+* ``debug-tiny-qformer``: ``debug-tiny`` with a ``blip2``-style tower of its two built layers
+  (17 features: the class token kept) and a 2-layer Q-Former of 8 queries (layer 0
+  cross-attends, layer 1 does not); runs on CPU in seconds.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from mm_megatron.config.model_config import (
     LanguageConfig,
@@ -27,25 +28,26 @@ from mm_megatron.config.qformer_config import QFormerConfig
 
 
 def vit_g_224() -> VisionConfig:
-    """ViT-g/14 at 224 px in BLIP-2's use: 39 of 40 layers, post-LN, class token kept."""
+    """BLIP-2's EVA ViT-g/14 at 224 px (HF ``Blip2VisionConfig``), read at last_hidden_state."""
     return VisionConfig(
-        style="clip",
+        style="blip2",
         image_size=224,
         patch_size=14,
-        num_layers=40,
-        feature_layer=-2,
+        num_layers=39,
+        feature_layer=-1,
         hidden_size=1408,
         ffn_hidden_size=6144,
         num_attention_heads=16,
         layernorm_eps=1e-6,
         drop_class_token=False,
         post_layernorm=True,
+        activation="gelu",
     )
 
 
 @register_preset("minigpt4")
 def minigpt4() -> LlavaConfig:
-    """MiniGPT-4-like: ViT-g/14 (EVA/CLIP shape) + BLIP-2 Q-Former (32 queries) + Vicuna-7B."""
+    """MiniGPT-4: BLIP-2's ViT-g/14 and Q-Former (32 queries) + a linear layer + Vicuna-7B."""
     lm: LanguageConfig = vicuna(num_layers=32, hidden=4096, ffn=11008, heads=32)
     return LlavaConfig(
         vision=vit_g_224(),
@@ -56,8 +58,18 @@ def minigpt4() -> LlavaConfig:
 
 @register_preset("debug-tiny-qformer")
 def debug_tiny_qformer() -> LlavaConfig:
-    """debug-tiny with a 2-layer, 8-query Q-Former connector (CPU, seconds)."""
+    """debug-tiny with a BLIP-2-style tower and a 2-layer, 8-query Q-Former (CPU, seconds)."""
     cfg = debug_tiny()
+    # debug-tiny's two built layers, as BLIP-2 reads them: the last one, post-LN, class token
+    cfg.vision = dataclasses.replace(
+        cfg.vision,
+        style="blip2",
+        num_layers=2,
+        feature_layer=-1,
+        drop_class_token=False,
+        post_layernorm=True,
+        activation="gelu",
+    )
     cfg.projector = ProjectorConfig(
         type="qformer",
         qformer=QFormerConfig(

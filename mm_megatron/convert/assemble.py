@@ -3,8 +3,10 @@ freshly initialised projector (the starting point of stage-1 pretraining).
 
 Inputs:
 
-* ``--vision``: a ``CLIPVisionModel``, ``CLIPModel`` (its vision half), ``SiglipVisionModel`` or
-  ``SiglipModel`` checkpoint.
+* ``--vision``: a ``CLIPVisionModel``, ``CLIPModel`` (its vision half), ``SiglipVisionModel``,
+  ``SiglipModel``, ``Blip2VisionModel`` / ``InstructBlipVisionModel`` or a BLIP-2 / InstructBLIP
+  model (its ``vision_model.`` half: ``vision.style="blip2"``, read at ``last_hidden_state``, the
+  class token kept, as BLIP-2 feeds its Q-Former; :mod:`.blip2_vision`).
 * ``--lm``: a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` checkpoint
   with its tokenizer, single-file or sharded.
 
@@ -48,6 +50,8 @@ import torch
 from mm_megatron.checkpoint import model_io
 from mm_megatron.checkpoint.errors import ConversionError, UnsupportedModelError
 from mm_megatron.config.model_config import LlavaConfig, ProjectorConfig
+from mm_megatron.config.vit_styles import vit_style
+from mm_megatron.convert.blip2_vision import blip2_vision_config_to_ours
 from mm_megatron.convert.common import (
     HFCheckpoint,
     atomic_output,
@@ -56,7 +60,7 @@ from mm_megatron.convert.common import (
     parse_dtype,
     single_rank,
 )
-from mm_megatron.convert.hf_config import text_config_to_ours, vision_config_to_ours
+from mm_megatron.convert.hf_config import VISION_TYPES, text_config_to_ours, vision_config_to_ours
 from mm_megatron.convert.hf_to_mcore import (
     choose_dtype,
     dtype_record,
@@ -66,6 +70,7 @@ from mm_megatron.convert.hf_to_mcore import (
 )
 from mm_megatron.convert.keys import KeySpelling, LMPartNaming, VisionPartNaming
 from mm_megatron.convert.parts import (
+    UNNESTED_VISION,
     Part,
     image_processor_for,
     read_lm_part,
@@ -76,8 +81,20 @@ from mm_megatron.convert.qformer import init_qformer, use_hf_qformer
 from mm_megatron.model.image_tokens import image_token_count
 
 SOURCE_KIND = "hf-parts"
-DEFAULT_FEATURE_LAYER = {"clip": -2, "siglip": -1}
-"""LLaVA-1.5 reads CLIP's second-to-last layer; SigLIP towers are usually read at the last."""
+STYLE_OF_TYPE = {
+    "clip_vision_model": "clip",
+    "siglip_vision_model": "siglip",
+    "blip_2_vision_model": "blip2",
+    "instructblip_vision_model": "blip2",
+}
+"""HF vision config ``model_type`` -> our ``vision.style``."""
+DEFAULT_FEATURE_LAYER = {"clip": -2, "siglip": -1, "blip2": -1}
+"""LLaVA-1.5 reads CLIP's second-to-last layer; SigLIP towers are usually read at the last;
+BLIP-2 reads ``last_hidden_state`` (the last layer, post-LayerNorm)."""
+DROP_CLASS_TOKEN = {"clip": True, "siglip": False, "blip2": False}
+"""Without a preset: LLaVA drops CLIP's class token; BLIP-2's Q-Former sees all 257 tokens."""
+CONFIG_READERS = {"blip2": blip2_vision_config_to_ours}
+"""Styles whose HF vision config is not read by ``hf_config.vision_config_to_ours``."""
 EMBED = "model.language_model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 
@@ -106,7 +123,7 @@ def parts_config(
 
     base = get_preset(preset) if preset else None
     mtype = vision.config.model_type
-    style = "siglip" if mtype.startswith("siglip") else "clip"
+    style = STYLE_OF_TYPE[mtype]
     if feature_layer is None:
         feature_layer = base.vision.feature_layer if base else DEFAULT_FEATURE_LAYER[style]
     layers = vision.config.num_hidden_layers
@@ -117,8 +134,10 @@ def parts_config(
             f"--vision-feature-layer {feature_layer}: {vision.where}num_hidden_layers={layers} "
             f"allows 1..{layers} or -{layers}..-1"
         )
-    drop_cls = style == "clip" and (base.vision.drop_class_token if base else True)
-    v = vision_config_to_ours(
+    drop_cls = vit_style(style).class_token and (
+        base.vision.drop_class_token if base else DROP_CLASS_TOKEN[style]
+    )
+    v = CONFIG_READERS.get(style, vision_config_to_ours)(
         vision.config, feature_layer, "default" if drop_cls else "full", where=vision.where
     )
     multiple = make_vocab_size_divisible_by or (
@@ -194,10 +213,10 @@ def _check_preset(cfg: LlavaConfig, base: LlavaConfig, preset: str, vision: Part
 
 def llava_config_json(cfg: LlavaConfig, vision: Part, lm: Part, dtype: str) -> dict | None:
     """A transformers ``LlavaConfig`` dict of the assembled model; None unless ``mlp2x_gelu``
-    (the only projector HF LLaVA has)."""
+    (the only projector HF LLaVA has) on a CLIP/SigLIP tower (the towers HF LLaVA builds)."""
     from transformers import LlavaConfig as HFLlavaConfig
 
-    if cfg.projector.type != "mlp2x_gelu":
+    if cfg.projector.type != "mlp2x_gelu" or vision.config.model_type not in VISION_TYPES:
         return None
     text = copy.deepcopy(lm.config)
     text.vocab_size = cfg.lm.vocab_size
@@ -339,7 +358,8 @@ def assemble(
     """Assemble a LLaVA checkpoint from a vision checkpoint and a causal-LM checkpoint.
 
     Args:
-        vision_dir: CLIP/SigLIP vision (or CLIP/SigLIP) checkpoint directory.
+        vision_dir: CLIP/SigLIP/BLIP-2 vision (or CLIP/SigLIP/BLIP-2/InstructBLIP) checkpoint
+            directory.
         lm_dir: Llama/Mistral/Qwen2 causal-LM checkpoint directory with its tokenizer.
         out_dir: output checkpoint directory (must not exist unless ``force``).
         projector: projector type (default ``mlp2x_gelu``, or the preset's).
@@ -430,7 +450,10 @@ def _provenance(vision: Part, lm: Part, vision_ck: HFCheckpoint, cfg: LlavaConfi
     return {
         "vision_class": vision.cls,
         "lm_class": lm.cls,
-        "vision_key_prefix": vision_ck.spelling.prefix,
+        # BLIP-2's vision half exports as a Blip2VisionModel, which has no vision_model. level
+        "vision_key_prefix": (
+            "" if vision.raw.get("model_type") in UNNESTED_VISION else vision_ck.spelling.prefix
+        ),
         "dropped": len(vision_ck.dropped),
         "part_configs": {"vision": vision.config.to_dict(), "text": text},
     }

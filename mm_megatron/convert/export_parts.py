@@ -2,7 +2,8 @@
 
 Writes two HF directories under the output:
 
-* ``vision/``: the vision tower as ``CLIPVisionModel`` or ``SiglipVisionModel`` (config.json,
+* ``vision/``: the vision tower as ``CLIPVisionModel``, ``SiglipVisionModel`` or BLIP-2's
+  ``Blip2VisionModel`` / ``InstructBlipVisionModel`` (config.json,
   safetensors, and the image processor's ``preprocessor_config.json`` when the checkpoint has
   one). Layers past ``vision_feature_layer`` and ``post_layernorm``, which LLaVA never runs, come
   from the passthrough file, so a frozen tower comes back bit-exact and complete.
@@ -36,7 +37,13 @@ from mm_megatron.convert.mcore_to_hf import (
     export_tensors,
 )
 
-VISION_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+VISION_CLASSES = {
+    "clip": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "blip2": "Blip2VisionModel",
+}
+VISION_CLASS_OF_TYPE = {"instructblip_vision_model": "InstructBlipVisionModel"}
+"""A vision config ``model_type`` whose class is not its style's."""
 LM_CLASSES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -119,7 +126,8 @@ def _part_configs(src: ExportSource, llava: dict) -> tuple[dict, dict]:
     cfg = src.cfg
     dtype = llava.get("dtype") or llava.get("torch_dtype") or src.default_dtype
     vision = dict(llava["vision_config"])
-    vision["architectures"] = [VISION_CLASSES[cfg.vision.style]]
+    style_class = VISION_CLASSES[cfg.vision.style]
+    vision["architectures"] = [VISION_CLASS_OF_TYPE.get(vision.get("model_type"), style_class)]
     vision["dtype"] = dtype
     text = dict(llava["text_config"])
     flavor = text.get("model_type", cfg.lm.flavor)

@@ -390,6 +390,8 @@ def vision_hf_config(cfg: LlavaConfig):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     v = cfg.vision
+    if v.style not in ("clip", "siglip"):
+        raise UnsupportedModelError(f"vision.style={v.style!r} has no HF LLaVA vision tower")
     if v.apply_post_layernorm:
         raise UnsupportedModelError("vision.post_layernorm=True has no HF LLaVA equivalent")
     vkw = dict(

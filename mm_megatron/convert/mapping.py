@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from mm_megatron.config.model_config import LlavaConfig
+from mm_megatron.config.vit_styles import vit_style
 
 Tensors = list[torch.Tensor]
 
@@ -193,11 +194,12 @@ def _vision_rules(cfg: LlavaConfig, add) -> None:
         add(V + "class_token", cls, [(hv,)], _class_token(hv), g)
     patch = (hv, v.num_channels, v.patch_size, v.patch_size)
     add(V + "conv1.weight", [T + "embeddings.patch_embedding.weight"], [patch], _identity(), g)
-    if v.style == "siglip":
+    style = vit_style(v.style)
+    if style.conv_bias:
         add(V + "conv1.bias", [T + "embeddings.patch_embedding.bias"], [(hv,)], _identity(), g)
     pos = [T + "embeddings.position_embedding.weight"]
     add(V + "position_embeddings.weight", pos, [(v.num_positions, hv)], _identity(), g)
-    if v.style == "clip":
+    if style.pre_layernorm:
         for w in ("weight", "bias"):
             add(V + f"pre_layernorm.{w}", [T + f"pre_layrnorm.{w}"], [(hv,)], _identity(), g)
     for i in range(v.num_layers_built):
@@ -237,7 +239,8 @@ def _projector_rules(cfg: LlavaConfig, add) -> None:
 
 
 VISION_RULES: dict[str, Callable] = {}
-"""``vision.style`` -> rule builder ``(cfg, add)`` of encoders other than CLIP/SigLIP."""
+"""``vision.style`` -> rule builder ``(cfg, add)`` of encoders other than CLIP/SigLIP
+(``internvit``: ``convert/internvl.py``; ``blip2``: ``convert/blip2_vision.py``)."""
 PROJECTOR_RULES: dict[str, Callable] = {}
 """``projector.type`` -> rule builder ``(cfg, add)`` of projectors other than ``mlp2x_gelu``."""
 
@@ -270,4 +273,4 @@ def groups_in_order(rules: list[Rule]) -> list[str]:
 
 
 # Families with their own encoder/projector rules register them on import.
-from mm_megatron.convert import internvl  # noqa: E402, F401
+from mm_megatron.convert import blip2_vision, internvl  # noqa: E402, F401

@@ -1,9 +1,10 @@
 """The two inputs of ``convert assemble``: what kind of checkpoint each is, its config, the LM's
 tokenizer with the image placeholder (and pad) added, and the vision tower's image processor.
 
-Each reader checks the part is of the kind its flag takes (``--vision``: CLIP/SigLIP vision or
-CLIP/SigLIP models; ``--lm``: Llama/Mistral/Qwen2 causal LMs) and says so in one line naming the
-file otherwise. Not here: tensors and the model config (:mod:`.assemble`).
+Each reader checks the part is of the kind its flag takes (``--vision``: CLIP/SigLIP/BLIP-2
+vision models, or the CLIP/SigLIP/BLIP-2/InstructBLIP models holding one; ``--lm``:
+Llama/Mistral/Qwen2 causal LMs) and says so in one line naming the file otherwise.
+Not here: tensors and the model config (:mod:`.assemble`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ VISION_KINDS = {  # config.json model_type -> (class, composite model with a tex
     "clip": ("CLIPModel", True),
     "siglip_vision_model": ("SiglipVisionModel", False),
     "siglip": ("SiglipModel", True),
+    "blip_2_vision_model": ("Blip2VisionModel", False),
+    "instructblip_vision_model": ("InstructBlipVisionModel", False),
+    "blip-2": ("Blip2ForConditionalGeneration", True),  # its vision_model. half
+    "instructblip": ("InstructBlipForConditionalGeneration", True),
 }
+UNNESTED_VISION = ("blip-2", "instructblip")
+"""Composites whose stand-alone vision class has no ``vision_model.`` level (BLIP-2's): their
+vision half is exported without that prefix, as ``Blip2VisionModel`` keys."""
 LM_KINDS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -148,7 +156,7 @@ def tokenizer_with_placeholders(lm: Part, image_token: str):
 
 
 def image_processor_for(vision: Part, size: int):
-    """The vision checkpoint's image processor, else a CLIP/SigLIP one for ``size`` pixels."""
+    """The vision checkpoint's image processor, else a CLIP/SigLIP/BLIP one for ``size`` pixels."""
     import transformers
 
     if (vision.dir / "preprocessor_config.json").is_file():
@@ -158,7 +166,8 @@ def image_processor_for(vision: Part, size: int):
                 str(vision.dir), local_files_only=True
             )
     name = "SiglipImageProcessor" if "Siglip" in vision.cls else "CLIPImageProcessor"
+    name = "BlipImageProcessor" if "Blip" in vision.cls else name  # resize, no crop
     cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
-    if name.startswith("Siglip"):
+    if not name.startswith("CLIP"):
         return cls(size={"height": size, "width": size})
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

@@ -31,7 +31,8 @@ accepted)::
 Not used: the vision tower and LM of the checkpoint, and InstructBLIP's instruction-text path
 (``qformer.embeddings.word/position_embeddings``, ``L intermediate.*``, ``L output.*``): the
 connector runs the queries alone, which is what both models do without an instruction.
-Not here: the export back to HF, and the EVA vision tower (see the README's architecture table).
+Not here: the export back to HF, and the EVA vision tower (:mod:`.blip2_vision`, which
+``convert assemble --vision BLIP2_DIR`` uses).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Two checks, printed as ``convert verify``'s pass/fail table, with our model load
 checkpoint at TP x PP (fp32, local spec; more than one rank runs as local gloo processes):
 
 1. **vision features**: our vision encoder's output on random images equals transformers' vision
-   model's ``hidden_states[vision_feature_layer]`` (class token dropped where the checkpoint drops
-   it), fp32 eager attention: max |difference| <= ``atol``.
+   model's ``hidden_states[vision_feature_layer]`` (``last_hidden_state`` where the final
+   LayerNorm is applied: BLIP-2; class token dropped where the checkpoint drops it), fp32 eager
+   attention: max |difference| <= ``atol``.
 2. **LM logits**: our model's logits on text-only input (random ids of the LM's own vocabulary,
    never the image placeholder)
    equal the HF causal LM's on the LM's original vocabulary (the columns past it belong to the
@@ -28,6 +29,13 @@ from mm_megatron.convert.common import single_rank
 from mm_megatron.convert.parts import read_vision_part
 from mm_megatron.convert.verify import Check, forward_logits
 
+_VISION_MODELS = {  # part class (substring) -> the transformers vision model of its tower
+    "Siglip": "SiglipVisionModel",
+    "InstructBlip": "InstructBlipVisionModel",
+    "Blip2": "Blip2VisionModel",
+}
+_UNNESTED = ("InstructBlipVisionModel", "Blip2VisionModel")
+
 
 @contextlib.contextmanager
 def _quiet_transformers():
@@ -46,22 +54,28 @@ def _quiet_transformers():
 def hf_references(vision_dir: Path, lm_dir: Path, cfg, seed: int = 0, text_len: int = 12):
     """(inputs, references) from transformers: ``images``/``input_ids`` and the vision features
     [N, T, h_v] and LM logits [b, s, original vocab] (fp32)."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+    import transformers
 
     gen = torch.Generator().manual_seed(seed)
     v = cfg.vision
     images = torch.randn(2, v.num_channels, v.image_size, v.image_size, generator=gen)
-    cls = SiglipVisionModel if "Siglip" in read_vision_part(vision_dir).cls else CLIPVisionModel
+    part = read_vision_part(vision_dir)
+    name = next((c for k, c in _VISION_MODELS.items() if k in part.cls), "CLIPVisionModel")
     kw = dict(dtype=torch.float32, attn_implementation="eager")
+    vkw = dict(kw)
+    if name in _UNNESTED and part.composite:  # a BLIP-2's vision half: no vision_model. level
+        vkw["key_mapping"] = {r"^vision_model\.": ""}
     with _quiet_transformers():
-        vision = cls.from_pretrained(str(vision_dir), **kw).eval()
+        vision = getattr(transformers, name).from_pretrained(str(vision_dir), **vkw).eval()
         out = vision(pixel_values=images, output_hidden_states=True)
         # [N, s, k * h_v]: the feature layers, concatenated as the model does
         feats = torch.cat([out.hidden_states[i] for i in v.feature_layers], dim=-1)
+        if v.apply_post_layernorm:  # only with the last layer read: BLIP-2's last_hidden_state
+            feats = out.last_hidden_state
         if v.has_class_token and v.drop_class_token:
             feats = feats[:, 1:]
         del vision, out
-        lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), **kw).eval()
+        lm = transformers.AutoModelForCausalLM.from_pretrained(str(lm_dir), **kw).eval()
         ids = torch.randint(0, lm.config.vocab_size, (2, text_len), generator=gen)
         ids[ids == cfg.image_token_id] = 0  # an added token inside the LM's table (Qwen2)
         logits = lm(input_ids=ids, use_cache=False).logits.float()  # [b, s, V]

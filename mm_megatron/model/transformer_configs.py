@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import LanguageConfig, LlavaConfig, VisionConfig
 from mm_megatron.config.parallel_config import ParallelConfig
+from mm_megatron.config.vit_styles import vit_style
 from mm_megatron.runtime import cpu_runtime
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
@@ -151,13 +152,10 @@ def vision_transformer_config(
         normalization=v.norm,
         layernorm_epsilon=v.layernorm_eps,
         gated_linear_unit=False,
-        activation_func=(
-            PROJECTOR_ACTIVATION_FUNCS[v.activation]
-            if v.activation
-            else quick_gelu
-            if v.vit_style == "clip"
-            else gelu_tanh
-        ),
+        # the style's own when unset: clip quick_gelu, siglip gelu-tanh, internvit/blip2 gelu
+        activation_func=PROJECTOR_ACTIVATION_FUNCS[
+            v.activation or vit_style(v.vit_style).activation
+        ],
         add_bias_linear=True,
         add_qkv_bias=v.qkv_bias,
         qk_layernorm=v.qk_norm,  # the norm itself comes with the encoder's spec

@@ -1,10 +1,16 @@
 """Vision encoder: patch embedding + a megatron-core ``TransformerBlock`` built from a ViT spec.
 
-Two styles (``VisionConfig.style``):
+Three styles (``VisionConfig.style``), whose choices are the table in
+:mod:`mm_megatron.config.vit_styles` (no style name is compared here):
 
 * ``clip``: class token, patch conv without bias, learned positions, pre-LayerNorm
   (HF ``pre_layrnorm``), quick_gelu MLPs; no post-LayerNorm by default.
 * ``siglip``: no class token, patch conv with bias, learned positions, gelu-tanh, post-LayerNorm.
+* ``blip2``: transformers' ``Blip2VisionModel`` (BLIP-2's EVA ViT-g): class token, patch conv
+  with bias, no pre-LayerNorm, exact GELU, post-LayerNorm (BLIP-2 feeds ``last_hidden_state``
+  to the Q-Former), query and value biases only: the key third of the fused QKV bias has its
+  gradient masked to zero (:func:`hold_key_bias`), so it keeps its loaded (zero) value in
+  training; softmax ignores it anyway (it adds ``q . b_k`` to a whole row of logits).
 
 Only ``VisionConfig.num_layers_built`` layers are built: LLaVA's ``vision_feature_layer=-2``
 reads the penultimate layer's output, so the last layer would be dead weight. A list of feature
@@ -16,7 +22,8 @@ subclass that has a ``build(config, vcfg, pg_collection)`` classmethod and a
 train and count with the projector: ``connector_modules()``, ``connector_forward_flops``,
 ``connector_activation_elements``; none for a plain ViT, MGM's mining in ``model/mgm.py``);
 :func:`build_vision_encoder` and :func:`vision_encoder_class` are what the rest of the package
-calls (no ``if`` on a style name elsewhere). ``clip`` and ``siglip`` are :class:`VisionEncoder`.
+calls (no ``if`` on a style name elsewhere). ``clip``, ``siglip`` and ``blip2`` are
+:class:`VisionEncoder`.
 
 This module computes; it never looks up process groups itself (they arrive in ``pg_collection``).
 """
@@ -36,6 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_megatron.config.model_config import VisionConfig
 from mm_megatron.config.registry import Registry
+from mm_megatron.config.vit_styles import vit_style
 from mm_megatron.model.norm import LocalNorm
 from mm_megatron.model.specs import block_spec, vit_layer_spec
 
@@ -60,7 +68,30 @@ def build_vision_encoder(
     return vision_encoder_class(vcfg.style).build(config, vcfg, pg_collection)
 
 
-@register_vision_encoder("clip", "siglip")
+def hold_key_bias(qkv_bias: torch.Tensor, num_heads: int) -> None:
+    """Mask the key thirds of a megatron fused QKV bias out of its gradient (a tensor hook).
+
+    Megatron's ``linear_qkv`` bias is grouped per head, ``[q_h, k_h, v_h]`` (MHA); a TP rank
+    holds ``num_heads`` whole heads. The true gradient of a key bias is zero; backward returns
+    rounding noise (~1e-10 here, next to ~1e-3 for the query/value biases), which Adam would
+    turn into a full-size step. Masked, it stays at its loaded value under Adam or SGD (megatron
+    applies no weight decay to biases).
+
+    Args:
+        qkv_bias: one layer's (local) ``linear_qkv.bias`` ``[num_heads * 3 * d]``.
+        num_heads: heads on this rank.
+    """
+
+    def mask(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone().view(num_heads, 3, -1)  # [heads, (q, k, v), d]
+        grad[:, 1] = 0
+        return grad.view(-1)
+
+    if qkv_bias.requires_grad:
+        qkv_bias.register_hook(mask)
+
+
+@register_vision_encoder("clip", "siglip", "blip2")
 class VisionEncoder(MegatronModule):
     """images [N, C, H, W] -> features [N, T, h] (T = ``vcfg.num_output_tokens``).
 
@@ -81,12 +112,13 @@ class VisionEncoder(MegatronModule):
         super().__init__(config=config)
         self.vcfg = vcfg
         h = vcfg.hidden_size
+        style = vit_style(vcfg.style)
         self.conv1 = torch.nn.Conv2d(
             vcfg.num_channels,
             h,
             kernel_size=vcfg.patch_size,
             stride=vcfg.patch_size,
-            bias=vcfg.style == "siglip",
+            bias=style.conv_bias,
             dtype=config.params_dtype,
         )
         if vcfg.has_class_token:
@@ -97,7 +129,7 @@ class VisionEncoder(MegatronModule):
         # Pre/post-LN run on the full sequence, outside the sequence-parallel region.
         self.pre_layernorm = (
             LocalNorm(config, h, eps=vcfg.layernorm_eps, sequence_parallel=False)
-            if vcfg.style == "clip"
+            if style.pre_layernorm
             else None
         )
         self.decoder = TransformerBlock(
@@ -116,6 +148,13 @@ class VisionEncoder(MegatronModule):
         self.sequence_parallel = config.sequence_parallel
         self.tp_size = config.tensor_model_parallel_size
         self._init_embeddings(config.init_method_std)
+        if not style.key_bias:
+            heads = vcfg.num_attention_heads // self.tp_size
+            for layer in self.decoder.layers:
+                bias = layer.self_attention.linear_qkv.bias
+                with torch.no_grad():  # fresh weights: megatron's bias init is zero already
+                    bias.view(heads, 3, -1)[:, 1] = 0
+                hold_key_bias(bias, heads)
 
     def _init_embeddings(self, std: float) -> None:
         with torch.no_grad():

@@ -82,7 +82,7 @@ def test_vision_encoders_are_found_by_style():
     )
 
     assert vision_encoder_class("clip") is VisionEncoder is vision_encoder_class("siglip")
-    with pytest.raises(ValueError, match=r"vision.style='nope'; choose one of \['clip', "):
+    with pytest.raises(ValueError, match=r"vision.style='nope'; choose one of \['blip2', 'clip', "):
         vision_encoder_class("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register_vision_encoder("clip")(VisionEncoder)
