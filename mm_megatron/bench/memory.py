@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.config.parallel_config import ParallelConfig
+from mm_megatron.config.vit_styles import vit_style
 from mm_megatron.model.summary import ParamInfo, shard_numel
 from mm_megatron.parallel.layout import stage_layers
 
@@ -232,7 +233,8 @@ def vision_elements(cfg: LlavaConfig, par: ParallelConfig, w: Workload) -> float
     p_pad = -(-p // t) * t if par.sequence_parallel else p
     p_n = p_pad / t if par.sequence_parallel else p
     h, f, nh = v.hidden_size, v.ffn_hidden_size, v.num_attention_heads
-    front = v.num_channels * v.image_size**2 + (p * (h + 2) if v.vit_style == "clip" else 0)
+    pre_ln = vit_style(v.vit_style).pre_layernorm
+    front = v.num_channels * v.image_size**2 + (p * (h + 2) if pre_ln else 0)
     layer = p_n * (4 * h + 4) + p_pad * (4 * h + nh) / t + 2 * p * f / t
     post = p * (h + 2) if v.apply_post_layernorm else 0
     return n * (front + v.num_layers_built * layer + post)
