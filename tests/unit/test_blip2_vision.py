@@ -19,16 +19,9 @@ from mm_megatron.checkpoint import model_io
 from mm_megatron.checkpoint.safetensors_io import index_files, read_tensor
 from mm_megatron.cli import main
 from mm_megatron.config import get_preset
-from mm_megatron.convert.tiny_models import save_tiny_lm
+from mm_megatron.convert.tiny_models import TINY_VISION, save_tiny_lm
 
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
+VISION = TINY_VISION
 QFORMER = dict(
     hidden_size=32,
     intermediate_size=48,

@@ -40,9 +40,9 @@ PROMPT = "\nWhat is in the picture?"
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 
-def _train_from_scratch(root, preset: str, **model):
-    """A 1-step run of `preset` on the generated synthetic data (no HF original)."""
-    train = {
+def _one_step(root) -> dict:
+    """Train settings of a 1-step run saving to `root/ck`."""
+    return {
         "run_dir": str(root / "run"),
         "save": str(root / "ck"),
         "micro_batch_size": 2,
@@ -52,8 +52,12 @@ def _train_from_scratch(root, preset: str, **model):
         "eval_iters": 0,
         "caption_eval": False,
         "num_threads": 1,
-        "synthetic_samples": 8,
     }
+
+
+def _train_from_scratch(root, preset: str, **model):
+    """A 1-step run of `preset` on the generated synthetic data (no HF original)."""
+    train = {**_one_step(root), "synthetic_samples": 8}
     data = {"template": "vicuna_v1", "num_workers": 0}
     job = load_job_config(preset, overrides={"data": data, "train": train, "model": model})
     assert trainer_mod.train(job).exit_reason == "done"
@@ -234,20 +238,9 @@ def _internvl_run_with_marker_tokens(root):
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
     tok.add_special_tokens({"additional_special_tokens": ["<img>", "</img>"]})
     tok.save_pretrained(str(data / "tokenizer"))
-    train = {
-        "run_dir": str(root / "run"),
-        "save": str(root / "ck"),
-        "micro_batch_size": 2,
-        "global_batch_size": 2,
-        "train_iters": 1,
-        "lr_warmup_iters": 0,
-        "eval_iters": 0,
-        "caption_eval": False,
-        "num_threads": 1,
-    }
     overrides = {
         "data": {"train_shards": str(data), "template": "vicuna_v1", "num_workers": 0},
-        "train": train,
+        "train": _one_step(root),
     }
     job = load_job_config("debug-tiny-internvl", overrides=overrides)
     assert trainer_mod.train(job).exit_reason == "done"
