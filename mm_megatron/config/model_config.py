@@ -16,7 +16,7 @@ from mm_megatron.config.fields import from_dict
 from mm_megatron.config.hires_config import HighResConfig
 from mm_megatron.config.qformer_config import QFormerConfig
 from mm_megatron.config.resampler_config import ResamplerConfig
-from mm_megatron.config.vit_styles import vit_style
+from mm_megatron.config.vit_styles import VIT_STYLES, vit_style
 
 SPECS = ("local", "te")
 
@@ -140,6 +140,12 @@ class VisionConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
+        if self.vit_style not in VIT_STYLES:
+            raise ValueError(
+                f"vision.style={self.style!r} with vision.hires.type={self.hires.type!r}: the "
+                f"ViT must be one of {sorted(VIT_STYLES)} (a dual-encoder style needs "
+                "vision.hires.type set, e.g. convnext)"
+            )
         if self.norm not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"vision.norm must be 'LayerNorm' or 'RMSNorm', got {self.norm!r}")
         if self.activation is not None and self.activation not in PROJECTOR_ACTIVATIONS:

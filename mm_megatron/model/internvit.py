@@ -34,9 +34,7 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
@@ -173,46 +171,15 @@ class InternViTEncoder(VisionEncoder):
         pg_collection: process groups (TP).
     """
 
-    def __init__(self, config, vcfg, layer_spec, pg_collection):
-        MegatronModule.__init__(self, config=config)
-        self.vcfg = vcfg
-        h = vcfg.hidden_size
-        self.conv1 = torch.nn.Conv2d(
-            vcfg.num_channels,
-            h,
-            kernel_size=vcfg.patch_size,
-            stride=vcfg.patch_size,
-            bias=True,
-            dtype=config.params_dtype,
+    def _post_layernorm(self, config: TransformerConfig, vcfg: VisionConfig) -> LocalNorm:
+        # HF's final ``layernorm``: a LayerNorm even when the layers use RMSNorm.
+        return LocalNorm(
+            config,
+            vcfg.hidden_size,
+            eps=vcfg.layernorm_eps,
+            normalization="LayerNorm",
+            sequence_parallel=False,
         )
-        self.class_token = torch.nn.Parameter(torch.zeros(1, 1, h, dtype=config.params_dtype))
-        self.position_embeddings = torch.nn.Embedding(
-            vcfg.num_positions, h, dtype=config.params_dtype
-        )
-        self.pre_layernorm = None
-        self.decoder = TransformerBlock(
-            config=config,
-            spec=layer_spec,
-            pre_process=True,
-            post_process=False,
-            pg_collection=pg_collection,
-        )
-        # HF's final ``layernorm`` (a LayerNorm even when the layers use RMSNorm).
-        self.post_layernorm = (
-            LocalNorm(
-                config,
-                h,
-                eps=vcfg.layernorm_eps,
-                normalization="LayerNorm",
-                sequence_parallel=False,
-            )
-            if vcfg.apply_post_layernorm
-            else None
-        )
-        self.tp_group = pg_collection.tp
-        self.sequence_parallel = config.sequence_parallel
-        self.tp_size = config.tensor_model_parallel_size
-        self._init_embeddings(config.init_method_std)
 
     @classmethod
     def build(

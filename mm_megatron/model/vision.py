@@ -140,9 +140,7 @@ class VisionEncoder(MegatronModule):
             pg_collection=pg_collection,
         )
         self.post_layernorm = (
-            LocalNorm(config, h, eps=vcfg.layernorm_eps, sequence_parallel=False)
-            if vcfg.apply_post_layernorm
-            else None
+            self._post_layernorm(config, vcfg) if vcfg.apply_post_layernorm else None
         )
         self.tp_group = pg_collection.tp
         self.sequence_parallel = config.sequence_parallel
@@ -155,6 +153,10 @@ class VisionEncoder(MegatronModule):
                 with torch.no_grad():  # fresh weights: megatron's bias init is zero already
                     bias.view(heads, 3, -1)[:, 1] = 0
                 hold_key_bias(bias, heads)
+
+    def _post_layernorm(self, config: TransformerConfig, vcfg: VisionConfig) -> LocalNorm:
+        """The final LayerNorm (run on the full sequence, outside the SP region)."""
+        return LocalNorm(config, vcfg.hidden_size, eps=vcfg.layernorm_eps, sequence_parallel=False)
 
     def _init_embeddings(self, std: float) -> None:
         with torch.no_grad():

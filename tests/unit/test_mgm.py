@@ -157,6 +157,10 @@ def test_bad_geometry_is_one_line():
 
     with pytest.raises(ValueError, match="needs a dual-encoder vision.style"):
         VisionEncoder.build(None, cfg.vision, None)
+    cfg = get_preset("debug-tiny-mgm")
+    cfg.vision.hires.type = "none"  # the dual encoder without its second tower: at validation
+    with pytest.raises(ValueError, match=r"^vision\.style='mgm' with vision\.hires\.type='none'"):
+        cfg.validate()
 
 
 @pytest.mark.parametrize("preset", ["debug-tiny-mgm", "debug-tiny-mgm-hd"])
