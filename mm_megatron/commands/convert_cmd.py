@@ -58,21 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="local",
         help="spec recorded for training (weights are spec-independent; default local)",
     )
-    a.add_argument(
-        "--dtype",
-        choices=["bf16", "fp32", "fp16"],
-        default=None,
-        help="storage dtype (default: the HF tensors' dtype, which keeps round trips exact)",
+    _dtype_option(
+        a, "storage dtype (default: the HF tensors' dtype, which keeps round trips exact)"
     )
-    a.add_argument(
-        "--make-vocab-size-divisible-by",
-        type=int,
-        default=64,
-        metavar="N",
-        help="megatron pads the vocab to a multiple of this x TP (default 64)",
-    )
-    a.add_argument("--force", action="store_true", help="replace an existing --out")
-    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    _vocab_option(a, 64, "megatron pads the vocab to a multiple of this x TP (default 64)")
+    _output_options(a)
     a.set_defaults(func=_hf_to_mcore)
 
     b = csub.add_parser(
@@ -80,12 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--ckpt", required=True, help="mm_megatron checkpoint dir")
     b.add_argument("--out", required=True, help="output HF dir")
-    b.add_argument(
-        "--dtype",
-        choices=["bf16", "fp32", "fp16"],
-        default=None,
-        help="output dtype (default: each tensor's dtype in the HF original)",
-    )
+    _dtype_option(b, "output dtype (default: each tensor's dtype in the HF original)")
     b.add_argument("--iteration", default=None, help="'release' or a number (default: the latest)")
     b.add_argument(
         "--parts",
@@ -93,8 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write OUT/vision (HF vision model) and OUT/lm (HF causal LM + tokenizer) instead "
         "of one LlavaForConditionalGeneration",
     )
-    b.add_argument("--force", action="store_true", help="replace an existing --out")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_options(b)
     b.set_defaults(func=_mcore_to_hf)
 
     c = csub.add_parser(
@@ -153,24 +137,17 @@ def _register_assemble(csub) -> None:
     )
     a.add_argument("--image-token", default="<image>", help="image placeholder (default <image>)")
     a.add_argument("--spec", choices=["local", "te"], default="local", help="spec recorded")
-    a.add_argument(
-        "--dtype",
-        choices=["bf16", "fp32", "fp16"],
-        default=None,
-        help="storage dtype (default: the parts' dtype; required when they differ)",
-    )
+    _dtype_option(a, "storage dtype (default: the parts' dtype; required when they differ)")
     a.add_argument(
         "--preset",
         default=None,
         help="take projector, freezing and init from this preset (its widths must match)",
     )
     a.add_argument("--seed", type=int, default=1234, help="projector init seed (default 1234)")
-    a.add_argument(
-        "--make-vocab-size-divisible-by",
-        type=int,
-        default=None,
-        metavar="N",
-        help="megatron pads the vocab to a multiple of this x TP (default: the preset's, else 64)",
+    _vocab_option(
+        a,
+        None,
+        "megatron pads the vocab to a multiple of this x TP (default: the preset's, else 64)",
     )
     a.add_argument(
         "--qformer-from",
@@ -179,8 +156,7 @@ def _register_assemble(csub) -> None:
         help="BLIP-2/InstructBLIP checkpoint: its Q-Former + query tokens (+ language_projection "
         "when the widths match) become a 'qformer' projector (MiniGPT-4's init)",
     )
-    a.add_argument("--force", action="store_true", help="replace an existing --out")
-    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_options(a)
     a.set_defaults(func=_assemble)
 
     v = csub.add_parser(
@@ -195,6 +171,24 @@ def _register_assemble(csub) -> None:
     v.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     v.add_argument("--atol", type=float, default=1e-4, help="max |difference| (default 1e-4)")
     v.set_defaults(func=_verify_parts)
+
+
+def _output_options(parser) -> None:
+    """``--force`` and ``--quiet``, which every writing sub-command has."""
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _dtype_option(parser, help: str) -> None:
+    """``--dtype bf16|fp32|fp16`` (default None) with the sub-command's meaning."""
+    parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help=help)
+
+
+def _vocab_option(parser, default: int | None, help: str) -> None:
+    """``--make-vocab-size-divisible-by N``."""
+    parser.add_argument(
+        "--make-vocab-size-divisible-by", type=int, default=default, metavar="N", help=help
+    )
 
 
 def _iteration(value: str | None):
