@@ -137,9 +137,21 @@ def _layout_worker(rank, world_size, ckpt_dir, batch, tp, pp):
 # --- the checks -------------------------------------------------------------------------------
 
 
+def _as_built(cfg) -> dict:
+    """``architecture_dict`` with the vision tower as built: the layers up to the deepest feature
+    layer, the feature layers as absolute indices and the final LayerNorm resolved (an export of
+    a run trained here keeps only the built layers and reads the last one: the same model)."""
+    d = architecture_dict(cfg)
+    v = cfg.vision
+    d["vision"]["num_layers"] = v.num_layers_built
+    d["vision"]["feature_layer"] = list(v.feature_layers)
+    d["vision"]["post_layernorm"] = v.apply_post_layernorm  # None: the style's default
+    return d
+
+
 def check_config(hf_dir: Path, run) -> Check:
     theirs, _ = llava_config_from_hf(load_hf_config(hf_dir))
-    a, b = architecture_dict(theirs), architecture_dict(run.model)
+    a, b = _as_built(theirs), _as_built(run.model)
     if a == b:
         return Check("config", True, "config.json matches the checkpoint's model config")
     for part in a:

@@ -64,6 +64,20 @@ def test_export_of_a_from_scratch_run_loads_with_model_and_processor(export):
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
 
 
+def test_verify_passes_on_the_export_of_a_run(export, capsys):
+    """`convert verify --hf EXPORT --ckpt RUN`: the export keeps only the built vision layers (2
+    of debug-tiny's 3, feature layer -2 -> -1); verify compares the towers as built, so config,
+    weights and logits pass (it reported `vision.num_layers: HF 2 vs checkpoint 3` before)."""
+    from mm_megatron.cli import main
+
+    job = export["job"]
+    assert job.model.vision.num_layers == 3 and job.model.vision.num_layers_built == 2
+    args = ["convert", "verify", "--hf", str(export["out"]), "--ckpt", job.train.save]
+    assert main(args) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "config.json matches" in out
+
+
 @pytest.mark.parametrize(
     ("aspect", "norm"), [("pad", "clip"), ("resize", "siglip"), ("crop", "clip")]
 )
