@@ -28,6 +28,21 @@ def info(tmp_path_factory):
     return prepare_tokenizer(load_tokenizer(os.path.join(out, "tokenizer")))
 
 
+def _decode_both(model, info, pixels, extras, question: str, images: int, n: int):
+    """Decode `n` tokens with and without the KV cache (no stop, no EOS) and check they agree.
+
+    Returns (prompt ids, the cached result, the generator).
+    """
+    gen = Generator(model, info, "plain")
+    gen.stop = None
+    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
+    prompt = build_prompt(info, "plain", question, images)
+    cached = gen.generate(pixels, prompt, max_new_tokens=n, image_inputs=extras)
+    plain = gen.generate(pixels, prompt, max_new_tokens=n, use_cache=False, image_inputs=extras)
+    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == n
+    return prompt, cached, gen
+
+
 def test_anyres_generation_tiles_the_image_and_caches_exactly(single_rank, info):
     cfg = get_preset("debug-tiny-anyres")
     torch.manual_seed(0)
@@ -40,13 +55,7 @@ def test_anyres_generation_tiles_the_image_and_caches_exactly(single_rank, info)
     assert pixels.shape == (arr.num_tiles((90, 150)), 3, 64, 64) and pixels.shape[0] > 1
     geometry = ImageGeometry(num_tiles=pixels.shape[0], image_size=(90, 150))
     assert extras["image_tokens"].tolist() == [model.count_image_tokens(geometry)]
-    gen = Generator(model, info, "plain")
-    gen.stop = None
-    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
-    prompt = build_prompt(info, "plain", "describe", 1)
-    cached = gen.generate(pixels, prompt, max_new_tokens=6, image_inputs=extras)
-    plain = gen.generate(pixels, prompt, max_new_tokens=6, use_cache=False, image_inputs=extras)
-    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 6
+    prompt, cached, gen = _decode_both(model, info, pixels, extras, "describe", 1, 6)
     expanded = len(prompt) - 1 + int(extras["image_tokens"][0])
     assert cached.positions_computed == expanded + 5  # the prompt once, then one per token
     with pytest.raises(ValueError, match="must carry image_tokens"):
@@ -73,13 +82,7 @@ def test_onevision_multi_image_prompt_gets_one_padded_tile_per_image(single_rank
     assert torch.equal(pixels, torch.stack([padded(wide), padded(tall)]))
     alone, _ = model_image_inputs(model, transform, [wide])  # a single image keeps its grid
     assert alone.shape[0] == model.arrangement.num_tiles((90, 150)) > 1
-    gen = Generator(model, info, "plain")
-    gen.stop = None
-    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
-    prompt = build_prompt(info, "plain", "compare", 2)
-    cached = gen.generate(pixels, prompt, max_new_tokens=3, image_inputs=extras)
-    plain = gen.generate(pixels, prompt, max_new_tokens=3, use_cache=False, image_inputs=extras)
-    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 3
+    prompt, cached, _ = _decode_both(model, info, pixels, extras, "compare", 2, 3)
     assert cached.positions_computed == len(prompt) - 2 + 2 * one + 2
 
 
@@ -100,13 +103,7 @@ def test_sliced_generation_splices_the_separators_into_the_prompt(single_rank, i
     assert extras["image_tokens"].tolist() == [per_tile] * tiles
     (layout,) = extras["layouts"]
     assert layout.count(info.image_token_id) == tiles and len(layout) > tiles
-    gen = Generator(model, info, "plain")
-    gen.stop = None
-    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
-    prompt = build_prompt(info, "plain", "describe", 1)
-    cached = gen.generate(pixels, prompt, max_new_tokens=4, image_inputs=extras)
-    plain = gen.generate(pixels, prompt, max_new_tokens=4, use_cache=False, image_inputs=extras)
-    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 4
+    prompt, cached, _ = _decode_both(model, info, pixels, extras, "describe", 1, 4)
     spliced = len(prompt) - 1 + len(layout)  # the image's placeholder became its layout
     assert cached.positions_computed == spliced - tiles + tiles * per_tile + 3
 
@@ -127,12 +124,6 @@ def test_internvl_generation_wraps_each_image_in_its_markers(single_rank, info):
     (layout,) = extras["layouts"]
     p = info.image_token_id
     assert layout == layout_token_ids(("<img>", None, "</img>"), info) and layout.count(p) == 1
-    gen = Generator(model, info, "plain")
-    gen.stop = None
-    gen.info = type(info)(**{**info.__dict__, "eos_token_id": None})
-    prompt = build_prompt(info, "plain", "describe", 1)
-    cached = gen.generate(pixels, prompt, max_new_tokens=4, image_inputs=extras)
-    plain = gen.generate(pixels, prompt, max_new_tokens=4, use_cache=False, image_inputs=extras)
-    assert cached.token_ids == plain.token_ids and len(cached.token_ids) == 4
+    prompt, cached, _ = _decode_both(model, info, pixels, extras, "describe", 1, 4)
     tokens = int(extras["image_tokens"][0])
     assert cached.positions_computed == len(prompt) - 1 + len(layout) - 1 + tokens + 3
