@@ -56,13 +56,11 @@ def minigpt4() -> LlavaConfig:
     )
 
 
-@register_preset("debug-tiny-qformer")
-def debug_tiny_qformer() -> LlavaConfig:
-    """debug-tiny with a BLIP-2-style tower and a 2-layer, 8-query Q-Former (CPU, seconds)."""
-    cfg = debug_tiny()
-    # debug-tiny's two built layers, as BLIP-2 reads them: the last one, post-LN, class token
-    cfg.vision = dataclasses.replace(
-        cfg.vision,
+def as_blip2_tower(vision: VisionConfig) -> VisionConfig:
+    """``vision`` with BLIP-2's tower style and its two first layers, read as BLIP-2 reads its
+    tower: the last layer, post-LN, class token kept (the tiny presets' and tests' tower)."""
+    return dataclasses.replace(
+        vision,
         style="blip2",
         num_layers=2,
         feature_layer=-1,
@@ -70,6 +68,13 @@ def debug_tiny_qformer() -> LlavaConfig:
         post_layernorm=True,
         activation="gelu",
     )
+
+
+@register_preset("debug-tiny-qformer")
+def debug_tiny_qformer() -> LlavaConfig:
+    """debug-tiny with a BLIP-2-style tower and a 2-layer, 8-query Q-Former (CPU, seconds)."""
+    cfg = debug_tiny()
+    cfg.vision = as_blip2_tower(cfg.vision)
     cfg.projector = ProjectorConfig(
         type="qformer",
         qformer=QFormerConfig(

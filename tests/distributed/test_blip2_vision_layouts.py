@@ -13,12 +13,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from mm_megatron.cli import main
+from mm_megatron.config.presets_blip2 import as_blip2_tower
 from mm_megatron.convert.tiny_models import save_tiny_lm
 from tests.distributed.launcher import run_distributed
 from tests.distributed.parity import (
@@ -38,15 +37,7 @@ CASES = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(pp=2), dict(cp=2)]
 def blip2_config():
     """The parity harness's tiny model with BLIP-2's tower style (two layers, all read)."""
     cfg = tiny_config()
-    cfg.vision = dataclasses.replace(
-        cfg.vision,
-        style="blip2",
-        num_layers=2,
-        feature_layer=-1,
-        drop_class_token=False,
-        post_layernorm=True,
-        activation="gelu",
-    )
+    cfg.vision = as_blip2_tower(cfg.vision)
     return cfg
 
 
