@@ -144,6 +144,9 @@ def write_energon_metadata(out_dir: str) -> list[str]:
 class EnergonDataLoader(MultimodalDataLoader):
     """A `MultimodalDataLoader` fed by energon (see the module docstring)."""
 
+    global_stream = False
+    """Energon shards and keeps its own per-rank state: it resumes only at the saved layout."""
+
     def __init__(
         self,
         make_energon: Callable[[], Any],

@@ -73,6 +73,19 @@ class DataCounters:
         """samples_bad / samples_read (0 before anything was read)."""
         return self.samples_bad / self.samples_read if self.samples_read else 0.0
 
+    @classmethod
+    def merged(cls, states: list[dict[str, Any]]) -> DataCounters:
+        """The sum of several ranks' counters (`asdict` forms), e.g. at a change of DP size."""
+        total = cls()
+        for state in states:
+            c = cls(**state)
+            total.samples_read += c.samples_read
+            total.samples_bad += c.samples_bad
+            for reason, n in c.bad_by_reason.items():
+                total.bad_by_reason[reason] = total.bad_by_reason.get(reason, 0) + n
+            total.recent_bad = (total.recent_bad + c.recent_bad)[-RECENT_BAD:]
+        return total
+
 
 def _keep(item: Any) -> Any:
     """DataLoader collate_fn that passes items through (module level so it pickles)."""
@@ -81,6 +94,10 @@ def _keep(item: Any) -> Any:
 
 class MultimodalDataLoader:
     """Iterable of collated batches for one data-parallel rank (see the module docstring)."""
+
+    global_stream = True
+    """Positions map into the global sample stream (`continue_global_stream` works), so a
+    resume at another DP size or global batch can continue it."""
 
     def __init__(
         self,
@@ -148,6 +165,7 @@ class MultimodalDataLoader:
         return {
             "sample_position": self._position,
             "global_offset": self.dataset.order.offset,
+            "exclude": list(self.dataset.order.exclude),
             "counters": asdict(self.counters),
         }
 
@@ -156,15 +174,20 @@ class MultimodalDataLoader:
         self._position = int(state["sample_position"])
         if "global_offset" in state:
             self.dataset.order.offset = int(state["global_offset"])
+            self.dataset.order.exclude = tuple(state.get("exclude", ()))
         if "counters" in state:
             self.counters = DataCounters(**state["counters"])
 
-    def continue_global_stream(self, consumed_samples: int) -> None:
-        """Start at global sample `consumed_samples` (a resume at another DP size or global
-        batch: this rank's positions restart at 0 from there; counters start afresh)."""
-        self.dataset.order.offset = int(consumed_samples)
+    def continue_global_stream(
+        self, start: int, exclude: tuple[int, ...] = (), counters: DataCounters | None = None
+    ) -> None:
+        """Continue the global stream at global sample `start`, leaving out `exclude` (a resume
+        at another DP size or global batch; `stream_resume_point` computes both): this rank's
+        positions restart at 0 from there, with `counters` (default: fresh)."""
+        self.dataset.order.offset = int(start)
+        self.dataset.order.exclude = tuple(sorted(exclude))
         self._position = 0
-        self.counters = DataCounters()
+        self.counters = counters if counters is not None else DataCounters()
 
     def _items(self, start: int) -> Iterator[Example | BadSample]:
         """Stream items from `start` on, in position order."""

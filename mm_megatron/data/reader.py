@@ -10,9 +10,12 @@ What this file does:
   - `block=B` (training, B = global batch / DP): the global stream is cut into global batches of
     B * dp_size samples and rank r takes the r-th block of B of each, so step k consumes global
     samples [k*G, (k+1)*G) whatever the DP size, and a run resumed at another DP size (or global
-    batch) continues the same stream from `offset` (the global samples consumed before).
-  Position p is a pure function of (shards, seed, dp_rank, dp_size, block, offset), so resuming
-  at p needs nothing but p, and the number of DataLoader workers does not change the stream.
+    batch) continues the same stream from `offset` (the first global sample not yet read),
+    skipping the `exclude`d global samples that some rank had already read past it (ranks run
+    unevenly ahead when packing fits more samples in a row or bad samples are skipped).
+  Position p is a pure function of (shards, seed, dp_rank, dp_size, block, offset, exclude), so
+  resuming at p needs nothing but p, and the number of DataLoader workers does not change the
+  stream. `stream_resume_point` computes `offset` and `exclude` from the old ranks' positions.
 - `ExampleDataset` (a torch IterableDataset) reads positions start, start+1, ... in chunks of
   consecutive positions (chunk j goes to worker j % W), finds each sample in its tar shard by
   random access (`shards.ShardMembers`), and yields an `Example` or, for a sample that must be
@@ -25,6 +28,7 @@ What it does not do: count/log bad samples, batch, pack or collate (`loader.py`)
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -50,6 +54,7 @@ class SampleOrder:
         num_epochs: int | None = None,
         block: int | None = None,
         offset: int = 0,
+        exclude: tuple[int, ...] = (),
     ):
         """Args:
         shards: All shards of the split, in a fixed order (every rank passes the same list).
@@ -61,11 +66,16 @@ class SampleOrder:
         block: Samples per rank per global batch (global-batch-major split); None for
             contiguous per-epoch slices.
         offset: Global samples consumed before position 0 (block mode only).
+        exclude: Global indices >= `offset` already read, left out of the stream (block mode
+            only; see `stream_resume_point`).
         """
         if block is not None and block < 1:
             raise ValueError(f"block={block} must be >= 1")
         if offset < 0:
             raise ValueError(f"offset={offset} must be >= 0")
+        self.exclude = tuple(sorted(set(exclude)))
+        if self.exclude and (block is None or self.exclude[0] < offset):
+            raise ValueError(f"exclude needs block mode and indices >= offset={offset}")
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.block = block
         self.offset = offset
@@ -97,7 +107,7 @@ class SampleOrder:
             return None
         if self.block is None:
             return self.num_epochs * self.samples_per_epoch
-        left = max(0, self.num_epochs * int(self._counts.sum()) - self.offset)
+        left = max(0, self.num_epochs * int(self._counts.sum()) - self.offset - len(self.exclude))
         rounds, rest = divmod(left, self.block * self.dp_size)
         return rounds * self.block + min(max(rest - self.dp_rank * self.block, 0), self.block)
 
@@ -107,7 +117,11 @@ class SampleOrder:
             epoch, offset = divmod(position, self.samples_per_epoch)
             return epoch * int(self._counts.sum()) + self._rank_offset + offset
         step, within = divmod(position, self.block)
-        return self.offset + (step * self.dp_size + self.dp_rank) * self.block + within
+        j = self.offset + (step * self.dp_size + self.dp_rank) * self.block + within
+        skipped = 0  # the j-th index counting from offset with the excluded ones left out
+        while (n := bisect.bisect_right(self.exclude, j + skipped)) != skipped:
+            skipped = n
+        return j + skipped
 
     def _set_epoch(self, epoch: int) -> None:
         if epoch == self._epoch:
@@ -131,6 +145,50 @@ class SampleOrder:
                 self._perms[shard] = rng.permutation(int(self._counts[shard]))
             local = int(self._perms[shard][local])
         return shard, local
+
+
+def stream_resume_point(
+    order: SampleOrder, streams: list[dict], dp_size: int, block: int
+) -> tuple[int, tuple[int, ...]]:
+    """Where the global stream continues after a run whose DP ranks stopped at `streams`.
+
+    Each old rank read a prefix of its own positions; with packing or bad samples some ranks
+    ran further ahead than others. The stream continues at the first global index no rank read
+    (`start`), leaving out the indices past it that some rank had read (`exclude`), so across a
+    change of DP size or global batch no sample is lost or read twice. Without packing or bad
+    samples every rank stopped at the same step boundary: `start` is the consumed sample count
+    and `exclude` is empty.
+
+    Args:
+        order: This run's order (shards, seed and shuffle are taken from it).
+        streams: Every old DP rank's loader `state_dict()`, by DP rank.
+        dp_size: The old DP size.
+        block: The old samples per rank per global batch.
+    """
+    olds = [
+        (
+            SampleOrder(
+                order.shards,
+                dp_rank=r,
+                dp_size=dp_size,
+                seed=order.seed,
+                shuffle=order.shuffle,
+                block=block,
+                offset=int(state["global_offset"]),
+                exclude=tuple(state.get("exclude", ())),
+            ),
+            int(state["sample_position"]),
+        )
+        for r, state in enumerate(streams)
+    ]
+    start = min(old.global_index(position) for old, position in olds)
+    read: set[int] = set()
+    for old, position in olds:
+        while position > 0 and (g := old.global_index(position - 1)) >= start:
+            read.add(g)
+            position -= 1
+        read.update(e for e in old.exclude if e >= start)
+    return start, tuple(sorted(read))
 
 
 class ExampleDataset(torch.utils.data.IterableDataset):

@@ -15,10 +15,11 @@ What this file does:
 Every rank of a data-parallel replica (its TP/PP/CP ranks) builds the same loader (same DP
 rank and seed), so they all see the same micro-batches without a broadcast; DP ranks read
 disjoint shares of every global batch, so step k consumes global samples [k*G, (k+1)*G) at any
-DP size.
+DP size. `stream_states` gathers every DP rank's stream position into the checkpoint and
+`resume_data_stream` continues from them at another DP size or global batch.
 
 What it does not do: decode, tokenize or pack (`mm_megatron.data`), or talk to other ranks
-except for the barrier around the synthetic-data generation.
+except for the barrier around the synthetic-data generation and the gather of the stream states.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 from mm_megatron.config.model_config import LlavaConfig
 from mm_megatron.data import DataConfig, TokenizerInfo, build_dataloader
 from mm_megatron.data.dataset_info import apply_dataset_info, read_dataset_info
+from mm_megatron.data.loader import DataCounters
+from mm_megatron.data.reader import stream_resume_point
 from mm_megatron.model.image_tokens import ImageTokenCounter
 from mm_megatron.runtime.distributed import barrier, rank
 from mm_megatron.train.config import JobConfig
@@ -174,6 +177,23 @@ def build_loader(
     )
 
 
+def stream_states(loader: Any, dp_rank: int, dp_size: int) -> list[dict] | None:
+    """Every DP rank's loader state, by DP rank, for the checkpoint; collective.
+
+    A resume at another DP size or global batch continues the global stream from these
+    (`reader.stream_resume_point`). None for a backend that keeps its own state (energon).
+    """
+    if not getattr(loader, "global_stream", False):
+        return None
+    mine = (dp_rank, loader.state_dict())
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [mine[1]]
+    everyone: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    by_rank = dict(everyone)  # the TP/PP/CP ranks of a replica hold the same state
+    return [by_rank[r] for r in range(dp_size)]
+
+
 def resume_data_stream(
     loader: Any,
     data_state: dict | None,
@@ -185,14 +205,16 @@ def resume_data_stream(
 ) -> list[str]:
     """Put a resumed run's loader where the stream continues; returns announcements.
 
-    At the same DP size and global batch the saved position is exact (bad samples included);
-    when either changed, the loader continues the global sample stream at `consumed_samples`
-    (exact unless samples were skipped as bad before), and the change is announced.
+    At the same DP size and global batch the saved position is exact (bad samples included).
+    When either changed, the loader continues the global sample stream where the old ranks
+    left it (`reader.stream_resume_point`: no sample lost or read twice, packing and bad
+    samples included; the bad-sample counters carry over), and the change is announced.
+    A checkpoint without the ranks' states (older ones) continues at `consumed_samples`.
 
     Args:
         loader: The rank's training loader.
         data_state: This rank's saved loader state (None when the DP size changed).
-        saved: The checkpoint's training state (layout, job).
+        saved: The checkpoint's training state (layout, job, data_streams).
         global_batch: This run's global batch size.
         dp: This run's data-parallel size.
         iteration: The step resumed at.
@@ -201,26 +223,40 @@ def resume_data_stream(
     notes = []
     old_g = (saved.get("job") or {}).get("train", {}).get("global_batch_size")
     old_dp = saved["layout"]["dp"]
+    if data_state is not None and old_g in (None, global_batch):
+        loader.load_state_dict(data_state)
+        return notes
+    if not getattr(loader, "global_stream", False):
+        raise ValueError(
+            "this data backend (energon) resumes only at the DP size and global batch size it "
+            f"was saved with (DP {old_dp}, global batch {old_g})"
+        )
+    streams = saved.get("data_streams")
+    start, exclude, counters = consumed_samples, (), None
+    if streams and old_g:
+        order = loader.dataset.order
+        start, exclude = stream_resume_point(order, streams, old_dp, old_g // old_dp)
+        if order.dp_rank == 0:  # the totals live on one rank; the trainer sums over ranks
+            counters = DataCounters.merged([s["counters"] for s in streams])
+    loader.continue_global_stream(start, exclude, counters)
+    where = f"global sample {start}" + (
+        f" ({len(exclude)} samples past it that a rank had read are left out)" if exclude else ""
+    )
     if old_g is not None and old_g != global_batch:
+        first = (
+            f"consumes global samples [{start}, {start + global_batch})"
+            if not exclude
+            else f"starts at {where}"
+        )
         notes.append(
             f"[resume] global batch size changed from {old_g} to {global_batch}: step "
-            f"{iteration + 1} consumes global samples [{consumed_samples}, "
-            f"{consumed_samples + global_batch})"
+            f"{iteration + 1} {first}"
         )
     if old_dp != dp:
         notes.append(
             f"[resume] data-parallel size changed from {old_dp} to {dp}: the data stream "
-            f"continues at global sample {consumed_samples} (each rank reads its share of every "
-            "global batch); bad-sample counters start afresh"
-        )
-    if data_state is not None and old_g in (None, global_batch):
-        loader.load_state_dict(data_state)
-    elif hasattr(loader, "continue_global_stream"):
-        loader.continue_global_stream(consumed_samples)
-    else:
-        raise ValueError(
-            "this data backend (energon) resumes only at the DP size and global batch size it "
-            f"was saved with (DP {old_dp}, global batch {old_g})"
+            f"continues at {where}; each rank reads its share of every global batch"
+            + ("" if streams else "; bad-sample counters start afresh")
         )
     return notes
 

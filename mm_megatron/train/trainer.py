@@ -64,6 +64,7 @@ from mm_megatron.train.data_setup import (
     check_tokenizer,
     resolve_data,
     resume_data_stream,
+    stream_states,
 )
 from mm_megatron.train.evaluate import run_evaluation
 from mm_megatron.train.heartbeat import Heartbeat, PeerFailure
@@ -452,6 +453,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "layout": layout,
             "job": job_record(self.job, self.data.config),
+            "data_streams": stream_states(self.train_batches.loader, self.dp_rank, self.dp),
         }
         saved = self.checkpointer.save(
             self.iteration,

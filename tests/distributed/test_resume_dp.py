@@ -62,3 +62,14 @@ def test_resume_dp1_at_dp2_continues_the_exact_stream(setup):
     second = run_distributed(_train, 2, job("dp2_resumed", save=save), {})[0]
     assert second["resumed_from"] == 10 and sorted(second["losses"]) == list(range(11, 21))
     _assert_close(second["losses"], ref, range(11, 21), "DP=2 resumed from DP=1")
+    # the DP=2 run's checkpoint holds both ranks' stream states, by DP rank: each read its 2 of
+    # every global batch of 4 since sample 40, so the stream continues at sample 80, exactly
+    from mm_megatron.data.reader import SampleOrder, stream_resume_point
+    from mm_megatron.data.shards import resolve_shards
+    from mm_megatron.train.checkpointing import read_train_state
+
+    streams = read_train_state(save, 20)["data_streams"]
+    assert [(s["global_offset"], s["sample_position"]) for s in streams] == [(40, 20), (40, 20)]
+    shards = resolve_shards(str(root / "data/train.index.json"), "train")
+    order = SampleOrder(shards, dp_rank=0, dp_size=1, seed=0, shuffle=True, block=4)
+    assert stream_resume_point(order, streams, 2, 2) == (80, ())

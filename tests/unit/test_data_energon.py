@@ -235,3 +235,18 @@ def test_dp_ranks_read_different_samples(datasets):
     ranks = [_take(_loader(config, dp_rank=r, dp_size=2), 2) for r in (0, 1)]
     keys = [{k for b in batches for k in b["sample_keys"]} for batches in ranks]
     assert not keys[0] & keys[1]
+
+
+def test_resume_at_another_dp_size_is_refused_in_one_line(datasets):
+    """Energon keeps its own per-rank state; at another DP size the trainer refuses in one line
+    (it used to reach the webdataset path and fail inside it with an AttributeError)."""
+    from mm_megatron.train.data_setup import resume_data_stream, stream_states
+
+    config = _config(datasets["synth"], os.path.join(datasets["synth"], "tokenizer"))
+    loader = _loader(config, dp_rank=0, dp_size=2)
+    assert stream_states(loader, 0, 2) is None  # nothing of energon's goes into data_streams
+    saved = {"layout": {"dp": 1}, "job": {"train": {"global_batch_size": 8}}}
+    with pytest.raises(
+        ValueError, match=r"resumes only at the DP size .* \(DP 1, global batch 8\)"
+    ):
+        resume_data_stream(loader, None, saved, 8, 2, 3, 24)

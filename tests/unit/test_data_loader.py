@@ -263,3 +263,45 @@ def test_config_errors_are_clear(synth_dir):
         _loader(_config(synth_dir), dp_rank=2, dp_size=2)
     with pytest.raises(FileNotFoundError):
         _loader(_config(synth_dir, train_shards=os.path.join(synth_dir, "nope-*.tar")))
+
+
+@pytest.mark.parametrize("new_dp", [1, 3])
+def test_packed_stream_with_bad_samples_resumes_at_another_dp_exactly_once(
+    synth_dir, tmp_path, new_dp
+):
+    """Issue 19 item 9 with packing and bad samples: the DP ranks run unevenly ahead (a packed
+    row holds several samples; a bad sample is skipped), yet a resume at another DP size reads
+    every good sample of the epoch exactly once and carries the bad-sample counts over."""
+    from mm_megatron.train.data_setup import resume_data_stream
+
+    out = str(tmp_path / "bad")
+    bad = _write_dataset_with_bad_samples(out)
+    config = _config(synth_dir, val_shards=out, packing=True, max_seq_len=160, max_bad_fraction=1)
+
+    def loaders(dp: int) -> list:
+        return [
+            _loader(config, split="val", dp_rank=r, dp_size=dp, micro_batch_size=2, block=6 // dp)
+            for r in range(dp)
+        ]
+
+    before, streams = [], []
+    for loader in loaders(2):  # one step of DP=2: one packed batch per rank
+        batch = next(iter(loader))
+        before += batch["sample_keys"]
+        streams.append(loader.state_dict())
+    positions = [s["sample_position"] for s in streams]
+    assert len(before) > 6 and positions[0] != positions[1]  # packed past the step, unevenly
+    saved = {
+        "layout": {"dp": 2},
+        "job": {"train": {"global_batch_size": 6}},
+        "data_streams": streams,
+    }
+    after, bad_seen = [], 0
+    for loader in loaders(new_dp):
+        notes = resume_data_stream(loader, None, saved, 6, new_dp, 1, 6)
+        assert f"data-parallel size changed from 2 to {new_dp}" in notes[-1]
+        after += [k for batch in loader for k in batch["sample_keys"]]
+        bad_seen += loader.counters.samples_bad
+    keys = before + after
+    assert len(keys) == len(set(keys)) == 20, sorted(keys)  # every good sample exactly once
+    assert bad_seen == len(bad)  # the 7 bad samples: counted before (carried over) or after

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from mm_megatron.data.reader import SampleOrder
+from mm_megatron.data.reader import SampleOrder, stream_resume_point
 from mm_megatron.data.shards import ShardInfo
 from mm_megatron.train import trainer as trainer_mod
 from tests.train_helpers import tiny_job, write_tiny_dataset
@@ -78,3 +78,50 @@ def test_changed_global_batch_on_resume_is_announced(tmp_path, capsys):
         "[resume] global batch size changed from 8 to 4: step 3 consumes global samples "
         "[16, 20)" in out
     )
+
+
+def _read(orders: list[SampleOrder], reads: list[int]) -> list[int]:
+    """Global indices the ranks read, rank r its first reads[r] positions."""
+    return [o.global_index(p) for o, n in zip(orders, reads) for p in range(n)]
+
+
+def _states(orders: list[SampleOrder], reads: list[int]) -> list[dict]:
+    return [
+        {"sample_position": n, "global_offset": o.offset, "exclude": list(o.exclude)}
+        for o, n in zip(orders, reads)
+    ]
+
+
+def test_uneven_ranks_give_a_hand_computed_resume_point():
+    # G=6 at DP2 (block 3). Rank 0 ran ahead (packing fitted more samples, or it skipped bad
+    # ones): it read globals 0,1,2, 6,7,8, 12,13; rank 1 read 3,4,5, 9,10.
+    old = _orders(2, 6)
+    assert _read(old, [8, 5]) == [0, 1, 2, 6, 7, 8, 12, 13, 3, 4, 5, 9, 10]
+    start, exclude = stream_resume_point(old[0], _states(old, [8, 5]), 2, 3)
+    assert (start, exclude) == (11, (12, 13))
+    # in step with each other (no packing, no bad samples): the consumed count, nothing left out
+    assert stream_resume_point(old[0], _states(old, [6, 6]), 2, 3) == (12, ())
+
+
+@pytest.mark.parametrize(
+    "phases",
+    [
+        [(2, 6, [8, 5]), (1, 6, None)],
+        [(2, 6, [8, 5]), (3, 6, None)],
+        [(2, 6, [8, 5]), (3, 6, [3, 7, 4]), (1, 4, None)],  # DP and global batch change twice
+        [(4, 8, [2, 5, 2, 3]), (2, 4, [9, 2]), (3, 3, None)],
+    ],
+)
+def test_resume_at_another_dp_loses_and_repeats_nothing(phases):
+    """Ranks that ran unevenly ahead, resumed at other DP sizes and global batches: every global
+    sample of the window is read exactly once over all phases."""
+    read, streams, old = [], None, None
+    for dp, g, reads in phases:
+        start, exclude = (0, ()) if old is None else stream_resume_point(old[0], streams, *old[1:])
+        orders = _orders(dp, g, offset=start, exclude=exclude)
+        if reads is None:  # the last phase reads on past the window
+            reads = [80] * dp
+        read += _read(orders, reads)
+        streams, old = _states(orders, reads), (orders[0], dp, g // dp)
+    window = [i for i in read if i < 60]
+    assert sorted(window) == list(range(60))
