@@ -36,7 +36,13 @@ from __future__ import annotations
 
 from mm_megatron.checkpoint.errors import UnsupportedModelError
 from mm_megatron.config.model_config import VisionConfig
-from mm_megatron.convert.mapping import VISION_RULES, _identity, interleave_qkv, split_qkv
+from mm_megatron.convert.mapping import (
+    VISION_RULES,
+    _identity,
+    batched_embedding_rules,
+    interleave_qkv,
+    split_qkv,
+)
 
 MODEL_TYPES = ("blip_2_vision_model", "instructblip_vision_model")
 """HF vision ``model_type`` values this module reads (the vision config of BLIP-2/InstructBLIP)."""
@@ -101,23 +107,15 @@ def _fused_qkv(nh: int):
     return to_mcore, to_hf
 
 
-def _reshape(shape_hf: tuple[int, ...], shape_ours: tuple[int, ...]):
-    return (lambda ts: ts[0].reshape(shape_ours)), (lambda t: [t.reshape(shape_hf).contiguous()])
-
-
 def blip2_vision_rules(cfg, add, tower: str = "model.vision_tower.") -> None:
     """Rules of the ``blip2`` encoder (``add(param, hf_keys, hf_shapes, fns, group)``)."""
     v = cfg.vision
     h, f, nh = v.hidden_size, v.ffn_hidden_size, v.num_attention_heads
-    V, T, g = "vision_model.", tower, "vision.embed"
-    add(V + "class_token", [T + "embeddings.class_embedding"], [(1, 1, h)], _identity(), g)
-    pos = (1, v.num_positions, h)
-    pos_fns = _reshape(pos, (v.num_positions, h))
-    add(V + "position_embeddings.weight", [T + "embeddings.position_embedding"], [pos], pos_fns, g)
-    conv = T + "embeddings.patch_embedding."
-    patch = (h, v.num_channels, v.patch_size, v.patch_size)
-    add(V + "conv1.weight", [conv + "weight"], [patch], _identity(), g)
-    add(V + "conv1.bias", [conv + "bias"], [(h,)], _identity(), g)
+    V, T = "vision_model.", tower
+    emb = "embeddings."
+    batched_embedding_rules(
+        v, add, T, emb + "class_embedding", emb + "position_embedding", emb + "patch_embedding."
+    )
     for i in range(v.num_layers_built):
         m, p, g = f"{V}decoder.layers.{i}.", f"{T}encoder.layers.{i}.", f"vision.layer.{i}"
         for w in ("weight", "bias"):

@@ -30,33 +30,33 @@ from mm_megatron.config.model_config import (
 )
 from mm_megatron.config.presets_internvl import INTERNVL_MARKERS
 from mm_megatron.convert.hf_config import HF_FAMILIES, HFFamily, text_config_to_ours
-from mm_megatron.convert.mapping import PROJECTOR_RULES, VISION_RULES, _identity, _qkv
+from mm_megatron.convert.mapping import (
+    PROJECTOR_RULES,
+    VISION_RULES,
+    _identity,
+    _qkv,
+    batched_embedding_rules,
+)
 from mm_megatron.convert.processor_families import internvl_processor
 
 HF_TOWER = "model.vision_tower."
 """Prefix of the vision tower in ``InternVLForConditionalGeneration``."""
 
 
-def _reshape(shape_hf: tuple[int, ...], shape_ours: tuple[int, ...]):
-    return (
-        lambda ts: ts[0].reshape(shape_ours),
-        lambda t: [t.reshape(shape_hf).contiguous()],
-    )
-
-
 def internvit_rules(cfg: LlavaConfig, add, tower: str = HF_TOWER) -> None:
     """Rules of the InternViT encoder (``add(param, hf_keys, hf_shapes, fns, group)``)."""
     v = cfg.vision
     h, f, nh = v.hidden_size, v.ffn_hidden_size, v.num_attention_heads
-    V, T, g = "vision_model.", tower, "vision.embed"
-    add(V + "class_token", [T + "embeddings.cls_token"], [(1, 1, h)], _identity(), g)
-    pos = (1, v.num_positions, h)
-    pos_fns = _reshape(pos, (v.num_positions, h))
-    add(V + "position_embeddings.weight", [T + "embeddings.position_embeddings"], [pos], pos_fns, g)
-    conv = T + "embeddings.patch_embeddings.projection."
-    patch = (h, v.num_channels, v.patch_size, v.patch_size)
-    add(V + "conv1.weight", [conv + "weight"], [patch], _identity(), g)
-    add(V + "conv1.bias", [conv + "bias"], [(h,)], _identity(), g)
+    V, T = "vision_model.", tower
+    emb = "embeddings."
+    batched_embedding_rules(
+        v,
+        add,
+        T,
+        emb + "cls_token",
+        emb + "position_embeddings",
+        emb + "patch_embeddings.projection.",
+    )
     norm_ws = ("weight", "bias") if v.norm == "LayerNorm" else ("weight",)
     for i in range(v.num_layers_built):
         m, p, g = f"{V}decoder.layers.{i}.", f"{T}encoder.layer.{i}.", f"vision.layer.{i}"

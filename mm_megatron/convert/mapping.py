@@ -91,6 +91,24 @@ def _identity() -> tuple[Callable, Callable]:
     return (lambda ts: ts[0]), (lambda t: [t.contiguous()])
 
 
+def _reshape(shape_hf: tuple[int, ...], shape_ours: tuple[int, ...]) -> tuple[Callable, Callable]:
+    return (lambda ts: ts[0].reshape(shape_ours)), (lambda t: [t.reshape(shape_hf).contiguous()])
+
+
+def batched_embedding_rules(v, add, tower: str, cls: str, pos: str, conv: str) -> None:
+    """Embedding rules of a ViT whose HF tower stores the class token as ``[1, 1, h]``, the
+    position embeddings as ``[1, P, h]`` and a patch conv with bias (BLIP-2's and InternViT's),
+    keys ``tower + cls`` / ``tower + pos`` / ``tower + conv + "weight"|"bias"``."""
+    h, V, g = v.hidden_size, "vision_model.", "vision.embed"
+    add(V + "class_token", [tower + cls], [(1, 1, h)], _identity(), g)
+    shape = (1, v.num_positions, h)
+    fns = _reshape(shape, (v.num_positions, h))
+    add(V + "position_embeddings.weight", [tower + pos], [shape], fns, g)
+    patch = (h, v.num_channels, v.patch_size, v.patch_size)
+    add(V + "conv1.weight", [tower + conv + "weight"], [patch], _identity(), g)
+    add(V + "conv1.bias", [tower + conv + "bias"], [(h,)], _identity(), g)
+
+
 def _qkv(nh: int, ng: int) -> tuple[Callable, Callable]:
     return (lambda ts: interleave_qkv(ts[0], ts[1], ts[2], ng)), (lambda t: split_qkv(t, nh, ng))
 

@@ -179,7 +179,9 @@ CONNECTOR_CASES = [
 TP2, TP2+SP, PP2, CP2 on padded rows and CP2 on packed (THD) rows."""
 
 
-def check_layouts(cases, cfg, weights, data, refs, keep=None, world: int = 2) -> None:
+def check_layouts(
+    cases, cfg, weights, data, refs, keep=None, world: int = 2, timeout: float = 900
+) -> None:
     """Run ``(layout, packed)`` cases in one gloo world and assert each matches one rank.
 
     Prints, per case, the loss of both and the worst relative error of any gradient or updated
@@ -190,13 +192,14 @@ def check_layouts(cases, cfg, weights, data, refs, keep=None, world: int = 2) ->
         cfg, weights, data, refs: as ``loader_parity_setup`` returns them.
         keep: maps a result to the part that must match (e.g. without parameters whose gradient
             is exactly zero); default all of it.
-        world: ranks of every case.
+        world: ranks of every case (2-way layouts in a larger world are filled by DP).
+        timeout: seconds the world may run.
     """
     from tests.distributed.launcher import run_distributed
 
     keep = keep or (lambda result: result)
     jobs = [(layout, packed, False) for layout, packed in cases]
-    got = run_distributed(run_layouts, world, jobs, cfg, weights, data, timeout=900)[0]
+    got = run_distributed(run_layouts, world, jobs, cfg, weights, data, timeout=timeout)[0]
     for (layout, packed), result in zip(cases, got):
         ref, result = keep(refs[packed]), keep(result)
         what = f"{layout} packed={packed}"

@@ -17,12 +17,10 @@ import torch
 
 from mm_megatron.model.flops import train_step_flops
 from mm_megatron.model.image_tokens import ImageTokenCounter
-from tests.distributed.launcher import run_distributed
 from tests.distributed.parity import (
-    assert_parity,
     assert_sized_as_the_data_says,
+    check_layouts,
     loader_parity_setup,
-    run_layouts,
     tiny_config,
 )
 
@@ -111,17 +109,4 @@ def test_step_flops_count_tiles_and_newlines(setup):
 @pytest.mark.timeout(1500)
 def test_parity_with_anyres(setup):
     cfg, weights, data, refs = setup
-    jobs = [(layout, packed, False) for layout, packed in CASES]
-    got = run_distributed(run_layouts, 4, jobs, cfg, weights, data, timeout=1200)[0]
-    for (layout, packed), result in zip(CASES, got):
-        assert_parity(refs[packed], result, what=f"{layout} packed={packed} (DP fills 4 ranks)")
-        ref = refs[packed]
-        worst = max(
-            float((result[kind][k] - r).norm() / r.norm().clamp_min(1e-12))
-            for kind in ("grads", "params")
-            for k, r in ref[kind].items()
-        )
-        print(
-            f"{layout} {packed=}: loss {result['loss']:.8f} (one rank {ref['loss']:.8f}), "
-            f"worst grad/param relative error {worst:.1e}"
-        )
+    check_layouts(CASES, cfg, weights, data, refs, world=4, timeout=1200)
